@@ -1,0 +1,190 @@
+"""PostgreSQL and Redis for local runs and tests, in this order of preference:
+the URL from the environment (`DATABASE_URL` / `REDIS_URL`), else the local server on its
+standard port, else a private server started from the installed binaries in a scratch folder.
+With no Redis at all, the services use their documented in-memory fallback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+class InfraError(RuntimeError):
+    """A dependency could not be found or started; the message says what to install."""
+
+
+@dataclass
+class Server:
+    """A server to use: `url` points at it; `process` is set when we started it ourselves."""
+
+    kind: str
+    url: str
+    origin: str  # "environment", "local" or "private"
+    process: subprocess.Popen[bytes] | None = None
+    workdir: Path | None = None
+    extra_stop: list[list[str]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for cmd in self.extra_stop:
+            subprocess.run(cmd, check=False, capture_output=True, timeout=30)
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise InfraError(f"{what} exited with code {proc.returncode} while starting")
+        if port_open("127.0.0.1", port):
+            return
+        time.sleep(0.1)
+    raise InfraError(f"{what} did not open port {port} within {timeout:.0f}s")
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
+def _local_postgres_answers() -> bool:
+    if not port_open("127.0.0.1", 5432):
+        return False
+    psql = shutil.which("psql")
+    if psql is None:
+        return True
+    probe = subprocess.run(
+        [psql, LOCAL_POSTGRES, "-tAc", "SELECT 1"], capture_output=True, timeout=10, check=False
+    )
+    return probe.returncode == 0
+
+
+def postgres(scratch: Path) -> Server:
+    """A PostgreSQL server URL (without a database name: callers choose their database)."""
+    if url := os.environ.get("DATABASE_URL"):
+        return Server("postgres", url, "environment")
+    if _local_postgres_answers():
+        return Server("postgres", LOCAL_POSTGRES, "local")
+    initdb, server_bin = _postgres_bin("initdb"), _postgres_bin("postgres")
+    if initdb is None or server_bin is None:
+        raise InfraError(
+            "PostgreSQL is not reachable on 127.0.0.1:5432 and its binaries are not installed: "
+            "set DATABASE_URL, start a local server, or install it "
+            "(Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql)"
+        )
+    workdir = scratch / "postgres"
+    workdir.mkdir(parents=True, exist_ok=True)
+    # PostgreSQL refuses to run as root; run it as the postgres user then.
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(workdir, "postgres")
+    data = workdir / "data"
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *as_user,
+            server_bin,
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(workdir),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",  # a throwaway server: durability of its files does not matter
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "postgres.log").open("wb"),
+        start_new_session=True,
+    )
+    _wait_port(port, proc, "postgres")
+    return Server(
+        "postgres",
+        f"postgresql://postgres@127.0.0.1:{port}/postgres",
+        "private",
+        process=proc,
+        workdir=workdir,
+    )
+
+
+def redis(scratch: Path) -> Server | None:
+    """A Redis URL, or None for the in-memory fallback (REDIS_URL set to an empty string
+    asks for that explicitly)."""
+    if "REDIS_URL" in os.environ:
+        url = os.environ["REDIS_URL"]
+        return Server("redis", url, "environment") if url else None
+    if port_open("127.0.0.1", 6379):
+        return Server("redis", LOCAL_REDIS, "local")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    workdir = scratch / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=(workdir / "redis.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    _wait_port(port, proc, "redis-server")
+    return Server("redis", f"redis://127.0.0.1:{port}/0", "private", process=proc, workdir=workdir)
+
+
+def with_database(server_url: str, database: str) -> str:
+    """The same server, another database."""
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{database}"))

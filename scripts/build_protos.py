@@ -1,0 +1,108 @@
+"""Generate the Python stubs and Envoy's descriptor set from protos/.
+
+Outputs (all regenerable, none committed):
+  gen/python/   *_pb2.py, *_pb2.pyi, *_pb2_grpc.py, *_pb2_grpc.pyi for genmesh and buf.validate
+  gen/genmesh.pb  FileDescriptorSet (with imports and source info) for Envoy's transcoder
+
+No PyPI package ships `buf/validate/validate.proto` for Google's protobuf runtime, but the
+protovalidate wheel embeds its serialized FileDescriptorProto. We lift it into a descriptor set
+and hand that to protoc with --descriptor_set_in, so the contract stays in sync with the
+validator we run.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import grpc_tools
+from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+GEN = ROOT / "gen"
+PY_OUT = GEN / "python"
+DESCRIPTOR_SET = GEN / "genmesh.pb"
+VALIDATE_SET = GEN / "buf-validate.pb"
+
+
+def _validate_descriptor_bytes() -> bytes:
+    spec = importlib.util.find_spec("protovalidate")
+    if spec is None or spec.origin is None:
+        sys.exit("protovalidate is not installed: run `make venv` first")
+    source = Path(spec.origin).parent / "_gen" / "buf" / "validate" / "validate_pb.py"
+    tree = ast.parse(source.read_text())
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "_DESC" for t in node.targets)
+            and isinstance(node.value, ast.Call)
+        ):
+            value = ast.literal_eval(node.value.args[0])
+            if isinstance(value, bytes):
+                return value
+    sys.exit(f"could not find the validate.proto descriptor in {source}")
+
+
+def write_validate_descriptor_set() -> None:
+    validate = descriptor_pb2.FileDescriptorProto.FromString(_validate_descriptor_bytes())
+    fds = descriptor_pb2.FileDescriptorSet()
+    for module in (descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2):
+        dep = fds.file.add()
+        module.DESCRIPTOR.CopyToProto(dep)
+    fds.file.append(validate)
+    VALIDATE_SET.write_bytes(fds.SerializeToString())
+
+
+def run_protoc(args: list[str]) -> None:
+    wkt = Path(grpc_tools.__file__).parent / "_proto"
+    googleapis = Path(descriptor_pb2.__file__).parent.parent.parent  # site-packages
+    argv = ["protoc", f"-I{PROTOS}", f"-I{wkt}", f"-I{googleapis}", *args]
+    if protoc.main(argv) != 0:
+        sys.exit(f"protoc failed: {' '.join(argv)}")
+
+
+def main() -> None:
+    shutil.rmtree(GEN, ignore_errors=True)
+    PY_OUT.mkdir(parents=True)
+    write_validate_descriptor_set()
+    sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    outputs = [
+        f"--python_out={PY_OUT}",
+        f"--mypy_out={PY_OUT}",
+        f"--grpc_python_out={PY_OUT}",
+        f"--mypy_grpc_out={PY_OUT}",
+    ]
+    # buf/validate/validate_pb2 from the lifted descriptor alone.
+    protoc_main_validate = [
+        f"--descriptor_set_in={VALIDATE_SET}",
+        f"--python_out={PY_OUT}",
+        f"--mypy_out={PY_OUT}",
+        "buf/validate/validate.proto",
+    ]
+    if protoc.main(["protoc", *protoc_main_validate]) != 0:
+        sys.exit("protoc failed on buf/validate/validate.proto")
+    run_protoc([f"--descriptor_set_in={VALIDATE_SET}", *outputs, *sources])
+    run_protoc(
+        [
+            f"--descriptor_set_in={VALIDATE_SET}",
+            f"--descriptor_set_out={DESCRIPTOR_SET}",
+            "--include_imports",
+            "--include_source_info",
+            *sources,
+            "google/rpc/status.proto",
+            "google/rpc/error_details.proto",
+        ]
+    )
+    for pkg in PY_OUT.rglob("*"):
+        if pkg.is_dir():
+            (pkg / "__init__.py").touch()
+    print(f"stubs in {PY_OUT.relative_to(ROOT)}, descriptor set {DESCRIPTOR_SET.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

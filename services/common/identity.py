@@ -1,0 +1,54 @@
+"""Who is calling, as Envoy established it. Envoy verifies the JWT and sets these headers
+itself (stripping client-sent copies); services trust them only because nothing but Envoy can
+reach them (a NetworkPolicy says so in Kubernetes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+USER_ID_HEADER = "x-genmesh-user-id"
+USER_EMAIL_HEADER = "x-genmesh-user-email"
+CLIENT_IP_HEADER = "x-genmesh-client-ip"
+ADMIN_TOKEN_HEADER = "x-admin-token"  # noqa: S105 - a header name, not a secret
+
+
+@dataclass(frozen=True)
+class Identity:
+    user_id: str
+    email: str
+    client_ip: str
+
+    @property
+    def is_guest(self) -> bool:
+        return not self.user_id
+
+
+def metadata_value(metadata: Sequence[Any] | None, key: str) -> str:
+    for item in metadata or ():
+        k, v = item
+        if k == key and isinstance(v, str):
+            return v
+    return ""
+
+
+def identity_from_metadata(metadata: Sequence[Any] | None, peer: str = "") -> Identity:
+    """Read the caller from invocation metadata. A direct gRPC caller without Envoy's headers
+    is identified by its peer address, so internal callers are still counted somewhere."""
+    client_ip = metadata_value(metadata, CLIENT_IP_HEADER) or _peer_ip(peer)
+    return Identity(
+        user_id=metadata_value(metadata, USER_ID_HEADER),
+        email=metadata_value(metadata, USER_EMAIL_HEADER),
+        client_ip=client_ip,
+    )
+
+
+def _peer_ip(peer: str) -> str:
+    # grpc peers look like "ipv4:127.0.0.1:5555" or "ipv6:[::1]:5555".
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return ""

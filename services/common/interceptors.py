@@ -1,0 +1,151 @@
+"""The server interceptor every service runs: it validates each request against its
+protovalidate rules, turns `ServiceError` into a rich gRPC status, hides unexpected
+exceptions behind INTERNAL (logged with the trace id), and records per-RPC metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import protovalidate
+from google.protobuf.message import Message
+from prometheus_client import Counter, Histogram
+
+from services.common.errors import FieldViolation, Reason, ServiceError, invalid_argument
+
+log = logging.getLogger(__name__)
+
+RPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by outcome.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+RPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to complete an RPC on the server.",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def field_path(violation: Any) -> str:
+    """protovalidate's field path as `events[0].event_id`. Message-level rules have no
+    path; their rule ids start with the field they are about (`text.required`)."""
+    proto = violation.proto
+    parts: list[str] = []
+    for element in proto.field.elements if proto.field else ():
+        part = element.field_name
+        subscript = getattr(element, "subscript", None)
+        value = getattr(subscript, "value", None) if subscript is not None else None
+        if value is not None:
+            part += f"[{value}]"
+        parts.append(part)
+    if parts:
+        return ".".join(parts)
+    return proto.rule_id.split(".", 1)[0] if proto.rule_id else ""
+
+
+def validate_request(request: Message) -> None:
+    try:
+        protovalidate.validate(request)
+    except protovalidate.ValidationError as err:
+        raise invalid_argument(
+            *(FieldViolation(field_path(v), v.proto.message) for v in err.violations)
+        ) from None
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: ServiceError) -> None:
+    status = err.to_grpc_status()
+    await context.abort(status.code, status.details, err.trailing_metadata())
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+
+        def finish(started: float, code: grpc.StatusCode) -> None:
+            RPC_HANDLED.labels(service, method, code.name).inc()
+            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+
+        if handler.unary_unary is not None:
+            inner_unary: Any = handler.unary_unary
+
+            async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    validate_request(request)
+                    return await inner_unary(request, context)
+                except ServiceError as err:
+                    code = err.code
+                    await _abort(context, err)
+                except Exception as exc:
+                    code = _code_of(exc, context)
+                    if code is grpc.StatusCode.UNKNOWN:
+                        code = grpc.StatusCode.INTERNAL
+                        log.exception("unhandled error in %s", handler_call_details.method)
+                        await _abort(context, _internal())
+                    raise
+                finally:
+                    finish(started, code)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        if handler.unary_stream is not None:
+            inner_stream: Any = handler.unary_stream
+
+            async def stream(
+                request: Message, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    validate_request(request)
+                    async for response in inner_stream(request, context):
+                        yield response
+                except ServiceError as err:
+                    code = err.code
+                    await _abort(context, err)
+                except Exception as exc:
+                    code = _code_of(exc, context)
+                    if code is grpc.StatusCode.UNKNOWN:
+                        code = grpc.StatusCode.INTERNAL
+                        log.exception("unhandled error in %s", handler_call_details.method)
+                        await _abort(context, _internal())
+                    raise
+                finally:
+                    finish(started, code)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client- and bidi-streaming RPCs are not part of any genmesh contract.
+        return handler
+
+
+def _internal() -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
+
+
+def _code_of(exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """An abort() from the handler surfaces as AbortError; its code is on the context."""
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,183 @@
+"""The server bootstrap every service runs: a grpc.aio server with the shared interceptors,
+grpc.health.v1 that follows the service's dependencies, reflection, Prometheus metrics, and a
+graceful stop on SIGTERM/SIGINT (NOT_SERVING, drain, `server.stop(grace)`), after grpc's
+async graceful-shutdown example."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common.interceptors import ServiceInterceptor
+from services.common.settings import ServiceSettings
+from services.common.tracing import server_interceptor, shutdown_tracing
+
+log = logging.getLogger(__name__)
+
+# Images arrive inline (up to 5 MiB, plus the rest of the request).
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    # Two processes must never silently share a port (grpc turns SO_REUSEPORT on by default).
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """Something the service needs. `check` raises (or times out) when it is unusable.
+    A required dependency that fails makes the service NOT_SERVING; an optional one (with a
+    fallback, like Redis) is only reported."""
+
+    name: str
+    check: Callable[[], Awaitable[object]]
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class DependencyStatus:
+    name: str
+    ok: bool
+    latency_ms: float
+    detail: str
+    required: bool
+
+
+async def probe(dep: Dependency, timeout: float = 2.0) -> DependencyStatus:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            await dep.check()
+    except Exception as exc:  # any failure means "not usable now", whatever its type
+        detail = f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+        ok = False
+    else:
+        detail, ok = "", True
+    return DependencyStatus(
+        dep.name, ok, (time.perf_counter() - started) * 1000, detail, dep.required
+    )
+
+
+class GrpcService:
+    """Owns one grpc.aio server and its lifecycle."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        service_names: Sequence[str],
+        register: Callable[[grpc.aio.Server], None],
+        dependencies: Sequence[Dependency] = (),
+        on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.service_names = list(service_names)
+        self.dependencies = list(dependencies)
+        self.on_stop = list(on_stop)
+        self.health = AsyncHealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[server_interceptor(), ServiceInterceptor()], options=SERVER_OPTIONS
+        )
+        register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+        self.last_statuses: list[DependencyStatus] = []
+        self._probe_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> int:
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"{self.name}: cannot listen on {address}")
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host)
+        await self.refresh_health()
+        await self.server.start()
+        self._probe_task = asyncio.create_task(self._probe_forever(), name="health-probe")
+        log.info(
+            "%s listening on %s:%d",
+            self.name,
+            self.settings.grpc_host,
+            self.port,
+            extra={"grpc_port": self.port, "metrics_port": self.settings.metrics_port},
+        )
+        return self.port
+
+    async def refresh_health(self) -> list[DependencyStatus]:
+        statuses = list(await asyncio.gather(*(probe(d) for d in self.dependencies)))
+        self.last_statuses = statuses
+        if self._stopping:
+            return statuses
+        serving = all(s.ok for s in statuses if s.required)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ["", *self.service_names]:
+            await self.health.set(service, status)
+        for s in statuses:
+            if not s.ok:
+                log.warning(
+                    "dependency %s unavailable: %s",
+                    s.name,
+                    s.detail,
+                    extra={"dependency": s.name, "required": s.required},
+                )
+        return statuses
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_probe_interval_seconds)
+            await self.refresh_health()
+
+    async def stop(self) -> None:
+        """NOT_SERVING first so load balancers stop sending, then drain, then close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info(
+            "%s stopping: draining for up to %.0fs", self.name, self.settings.shutdown_grace_seconds
+        )
+        await self.health.enter_graceful_shutdown()
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        for close in self.on_stop:
+            try:
+                await close()
+            except Exception:
+                log.exception("error while closing %s", getattr(close, "__qualname__", close))
+        shutdown_tracing()
+        log.info("%s stopped", self.name)
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
