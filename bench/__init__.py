@@ -1,0 +1,1 @@
+"""Loopback load benchmarks (`make bench`): figures, never pass/fail."""

@@ -1,0 +1,104 @@
+"""Direct gRPC calls with the generated stubs, grpc.health.v1 on every service, and one
+trace across the mesh."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
+from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.errors import Reason, error_info_from_call
+from tests.e2e.conftest import RunningMesh
+
+pytestmark = pytest.mark.e2e
+
+
+def addresses(mesh: RunningMesh) -> dict[str, str]:
+    c = mesh.config
+    return {
+        "genmesh.generation.v1.GenerationService": c.generation_addr,
+        "genmesh.quota.v1.QuotaService": c.quota_addr,
+        "genmesh.telemetry.v1.TelemetryService": c.telemetry_addr,
+    }
+
+
+async def test_every_service_is_serving(mesh: RunningMesh) -> None:
+    for service, addr in addresses(mesh).items():
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", service):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, (service, name)
+
+
+async def test_generate_over_grpc(mesh: RunningMesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.config.generation_addr) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        reply = await stub.Generate(
+            generation_pb2.GenerateRequest(text=f"hello {uuid.uuid4()}"),
+            metadata=(("x-genmesh-client-ip", "10.1.2.3"),),
+            timeout=30,
+        )
+    assert reply.text
+    assert reply.quota.plan == "guest"
+
+
+async def test_internal_quota_rpcs_over_grpc(mesh: RunningMesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.config.quota_addr) as channel:
+        stub = quota_pb2_grpc.QuotaServiceStub(channel)
+        caller = quota_pb2.Caller(client_ip="10.9.8.7")
+        reservation = await stub.ReserveQuota(quota_pb2.ReserveQuotaRequest(caller=caller))
+        assert reservation.quota.used >= 1
+        refund = quota_pb2.SettleReservationRequest(
+            reservation_id=reservation.reservation_id, outcome=quota_pb2.OUTCOME_REFUND
+        )
+        first = await stub.SettleReservation(refund)
+        second = await stub.SettleReservation(refund)
+    assert first.applied is True
+    assert second.applied is False
+    assert first.quota.used == reservation.quota.used - 1
+
+
+async def test_bad_grpc_input_is_invalid_argument_with_field(mesh: RunningMesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.config.telemetry_addr) as channel:
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.SubmitFeedback(telemetry_pb2.SubmitFeedbackRequest(rating=7))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = error_info_from_call(caught.value.trailing_metadata() or ())
+    assert err is not None
+    assert err.reason is Reason.INVALID_ARGUMENT
+    assert [v.field for v in err.violations] == ["rating"]
+
+
+async def test_internal_rpcs_are_not_reachable_through_the_gateway(mesh: RunningMesh) -> None:
+    gateway = f"{mesh.config.gateway_host}:{mesh.config.gateway_port}"
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = quota_pb2_grpc.QuotaServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ReserveQuota(
+                quota_pb2.ReserveQuotaRequest(caller=quota_pb2.Caller(client_ip="1.2.3.4")),
+                timeout=5,
+            )
+    assert caught.value.code() != grpc.StatusCode.OK
+
+
+def test_one_trace_spans_the_gateway_facing_service_and_quota(mesh: RunningMesh) -> None:
+    trace_id = secrets.token_hex(16)
+    traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+    r = httpx.post(
+        f"{mesh.url}/api/generate",
+        json={"text": f"trace me {uuid.uuid4()}"},
+        headers={"traceparent": traceparent},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    seen = mesh.collector.wait_for(trace_id, {"generation", "quota"})
+    assert {"generation", "quota"} <= seen, seen
