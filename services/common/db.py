@@ -76,7 +76,7 @@ class Database:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(TRANSIENT_ERRORS),
                 stop=stop_after_attempt(self.settings.db_retry_attempts),
-                wait=wait_exponential_jitter(initial=0.05, max=1.0),
+                wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
                 reraise=False,
             ):
                 with attempt:
