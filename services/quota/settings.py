@@ -1,0 +1,36 @@
+"""The quota service's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+
+from services.common.settings import PostgresSettings, RedisSettings, ServiceSettings
+
+
+class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
+    # Where the gRPC server listens (GRPC_PORT); 0 picks a free port (tests).
+    grpc_port: int = Field(default=50052, ge=0, le=65535)
+    # Prometheus metrics port (METRICS_PORT); 0 disables the endpoint.
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    # IANA zone whose midnight resets every daily quota, e.g. "Europe/Paris".
+    quota_timezone: str = Field(default="UTC", alias="QUOTA_TIMEZONE")
+    # Generations per day for a guest (no sign-in), counted per client IP.
+    guest_daily_limit: int = Field(default=3, alias="GUEST_DAILY_LIMIT", ge=0)
+    # Generations per day for a signed-in user without pro.
+    free_daily_limit: int = Field(default=10, alias="FREE_DAILY_LIMIT", ge=0)
+    # Generations per day for a pro user (`profiles.is_pro`).
+    pro_daily_limit: int = Field(default=100, alias="PRO_DAILY_LIMIT", ge=0)
+    # How long GetQuota/GetProfile may serve a profile from the Redis cache; every reserve or
+    # settlement of that user invalidates it at once. 0 turns the cache off.
+    profile_cache_ttl_seconds: float = Field(default=60.0, alias="PROFILE_CACHE_TTL_SECONDS", ge=0)
+
+    @field_validator("quota_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise ValueError(f"unknown IANA time zone {value!r}") from err
+        return value
