@@ -1,0 +1,271 @@
+"""Requests turned into table rows, with the checks protovalidate cannot express: sizes of
+free-form JSON, time windows, and what PostgreSQL itself would refuse (NUL characters, lengths
+the schema caps). Everything a batch writes is checked here first, so one request's bad row
+can never make a whole group-commit batch fail."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from genmesh.telemetry.v1 import telemetry_pb2
+from services.common.errors import FieldViolation, invalid_argument
+from services.common.identity import Identity
+
+# The largest `properties` object of a funnel event, serialized as compact JSON (UTF-8).
+MAX_PROPERTIES_BYTES = 4 * 1024
+# Security events come from our own services; still, a bound keeps one from bloating the table.
+MAX_DETAILS_BYTES = 16 * 1024
+# The schema's cap on `lang` (the protovalidate pattern allows longer tags).
+MAX_LANG_CHARS = 35
+# How far an event's client clock may be ahead of ours, and how old an event may be.
+MAX_FUTURE_SKEW = timedelta(hours=24)
+MAX_EVENT_AGE = timedelta(days=30)
+
+SEVERITIES: dict[int, str] = {
+    telemetry_pb2.SEVERITY_LOW: "low",
+    telemetry_pb2.SEVERITY_MEDIUM: "medium",
+    telemetry_pb2.SEVERITY_HIGH: "high",
+    telemetry_pb2.SEVERITY_CRITICAL: "critical",
+}
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    id: uuid.UUID
+    user_id: str | None
+    client_ip: str | None
+    generation_id: str | None
+    rating: int
+    comment: str
+    lang: str
+
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "id",
+        "user_id",
+        "client_ip",
+        "generation_id",
+        "rating",
+        "comment",
+        "lang",
+    )
+
+    def record(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.user_id,
+            self.client_ip,
+            self.generation_id,
+            self.rating,
+            self.comment,
+            self.lang,
+        )
+
+
+@dataclass(frozen=True)
+class FunnelEventRow:
+    event_id: uuid.UUID
+    user_id: str | None
+    session_id: str
+    event: str
+    source: str
+    lang: str
+    properties_json: str
+    client_ip: str | None
+    occurred_at: datetime
+
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "event_id",
+        "user_id",
+        "session_id",
+        "event",
+        "source",
+        "lang",
+        "properties",
+        "client_ip",
+        "occurred_at",
+    )
+
+    def record(self) -> tuple[Any, ...]:
+        return (
+            self.event_id,
+            self.user_id,
+            self.session_id,
+            self.event,
+            self.source,
+            self.lang,
+            self.properties_json,
+            self.client_ip,
+            self.occurred_at,
+        )
+
+
+@dataclass(frozen=True)
+class SecurityEventRow:
+    id: uuid.UUID
+    event_type: str
+    severity: str
+    user_id: str | None
+    ip: str | None
+    details_json: str
+
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "id",
+        "event_type",
+        "severity",
+        "user_id",
+        "ip",
+        "details",
+    )
+
+    def record(self) -> tuple[Any, ...]:
+        return (self.id, self.event_type, self.severity, self.user_id, self.ip, self.details_json)
+
+
+def feedback_row(request: telemetry_pb2.SubmitFeedbackRequest, who: Identity) -> FeedbackRow:
+    violations = [
+        *_text_violations("comment", request.comment),
+        *_text_violations("generation_id", request.generation_id),
+        *_lang_violations("lang", request.lang),
+    ]
+    if violations:
+        raise invalid_argument(*violations)
+    return FeedbackRow(
+        id=uuid.uuid4(),
+        user_id=who.user_id or None,
+        client_ip=who.client_ip or None,
+        generation_id=request.generation_id or None,
+        rating=request.rating,
+        comment=request.comment,
+        lang=request.lang,
+    )
+
+
+def wishlist_lang(request: telemetry_pb2.JoinWishlistRequest) -> str:
+    violations = _lang_violations("lang", request.lang)
+    if violations:
+        raise invalid_argument(*violations)
+    return request.lang
+
+
+def funnel_event_rows(
+    events: Sequence[telemetry_pb2.FunnelEvent], who: Identity, now: datetime
+) -> list[FunnelEventRow]:
+    """All events of a request, or INVALID_ARGUMENT naming every bad field."""
+    rows: list[FunnelEventRow] = []
+    violations: list[FieldViolation] = []
+    for i, event in enumerate(events):
+        path = f"events[{i}]"
+        problems = [
+            *_text_violations(f"{path}.session_id", event.session_id),
+            *_text_violations(f"{path}.source", event.source),
+            *_lang_violations(f"{path}.lang", event.lang),
+        ]
+        properties, problem = struct_json(event.properties, MAX_PROPERTIES_BYTES)
+        if problem:
+            problems.append(FieldViolation(f"{path}.properties", problem))
+        occurred_at = now
+        if event.HasField("occurred_at"):
+            occurred_at, problem = _event_time(event.occurred_at, now)
+            if problem:
+                problems.append(FieldViolation(f"{path}.occurred_at", problem))
+        if problems:
+            violations.extend(problems)
+            continue
+        rows.append(
+            FunnelEventRow(
+                # protovalidate has checked it is a UUID.
+                event_id=uuid.UUID(event.event_id),
+                user_id=who.user_id or None,
+                session_id=event.session_id,
+                event=event.event,
+                source=event.source,
+                lang=event.lang,
+                properties_json=properties,
+                client_ip=who.client_ip or None,
+                occurred_at=occurred_at,
+            )
+        )
+    if violations:
+        raise invalid_argument(*violations)
+    return rows
+
+
+def security_event_row(request: telemetry_pb2.RecordSecurityEventRequest) -> SecurityEventRow:
+    violations = [
+        *_text_violations("user_id", request.user_id),
+        *_text_violations("ip", request.ip),
+    ]
+    details, problem = struct_json(request.details, MAX_DETAILS_BYTES)
+    if problem:
+        violations.append(FieldViolation("details", problem))
+    severity = SEVERITIES.get(request.severity)
+    if severity is None:  # protovalidate already refuses these; kept so the map stays total
+        violations.append(FieldViolation("severity", "must be a defined, non-zero severity"))
+    if violations or severity is None:
+        raise invalid_argument(*violations)
+    return SecurityEventRow(
+        id=uuid.uuid4(),
+        event_type=request.event_type,
+        severity=severity,
+        user_id=request.user_id or None,
+        ip=request.ip or None,
+        details_json=details,
+    )
+
+
+def struct_json(value: struct_pb2.Struct, max_bytes: int) -> tuple[str, str]:
+    """Compact JSON for a Struct and, if it cannot be stored, why (else "")."""
+    try:
+        as_dict = json_format.MessageToDict(value)
+        text = json.dumps(as_dict, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (ValueError, json_format.Error):
+        return "{}", "must not contain NaN or infinite numbers"
+    size = len(text.encode())
+    if size > max_bytes:
+        return "{}", f"must be at most {max_bytes} bytes as JSON, got {size}"
+    if _contains_nul(as_dict):
+        return "{}", "must not contain NUL characters"
+    return text, ""
+
+
+def _contains_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(v) for v in value)
+    return False
+
+
+def _event_time(ts: timestamp_pb2.Timestamp, now: datetime) -> tuple[datetime, str]:
+    if not 0 <= ts.nanos < 1_000_000_000:
+        return now, "must be a valid timestamp"
+    # Compare in seconds first: far-off values would overflow datetime.
+    seconds = ts.seconds + ts.nanos / 1e9
+    if not math.isfinite(seconds) or seconds > (now + MAX_FUTURE_SKEW).timestamp():
+        return now, "must not be more than 24 hours in the future"
+    if seconds < (now - MAX_EVENT_AGE).timestamp():
+        return now, "must not be more than 30 days in the past"
+    return datetime.fromtimestamp(ts.seconds, UTC) + timedelta(microseconds=ts.nanos // 1000), ""
+
+
+def _text_violations(field: str, value: str) -> list[FieldViolation]:
+    # PostgreSQL text cannot hold NUL; catching it here keeps the batch it would join safe.
+    if "\x00" in value:
+        return [FieldViolation(field, "must not contain NUL characters")]
+    return []
+
+
+def _lang_violations(field: str, value: str) -> list[FieldViolation]:
+    if len(value) > MAX_LANG_CHARS:
+        return [FieldViolation(field, f"must be at most {MAX_LANG_CHARS} characters")]
+    return []

@@ -1,0 +1,49 @@
+"""Telemetry settings, read once from the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.settings import PostgresSettings, RedisSettings, ServiceSettings
+
+
+class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
+    # GRPC_PORT; 0 picks a free port (tests).
+    grpc_port: int = Field(default=50053, ge=0, le=65535)
+
+    # Group commit: the most rows one batch (one transaction) holds. A single request larger
+    # than this still goes in one transaction of its own, so a request is never split.
+    telemetry_batch_max_rows: int = Field(default=500, alias="TELEMETRY_BATCH_MAX_ROWS", ge=1)
+    # How long the first request of a batch waits for company before the batch is written.
+    # It is the latency a lone request pays for batching; 0 writes as soon as possible.
+    telemetry_batch_max_wait_ms: float = Field(
+        default=5.0, alias="TELEMETRY_BATCH_MAX_WAIT_MS", ge=0, le=1000
+    )
+    # Batches of one kind written at once (each on its own pooled connection). Keep it
+    # below DB_POOL_MAX_SIZE divided by the three committed kinds (feedback, events, security).
+    telemetry_batch_max_in_flight: int = Field(
+        default=2, alias="TELEMETRY_BATCH_MAX_IN_FLIGHT", ge=1, le=32
+    )
+    # Rows of one kind allowed to wait for a batch; past it (the database is down or cannot
+    # keep up) writes fail fast with UNAVAILABLE and Retry-After instead of piling up.
+    telemetry_batch_max_pending_rows: int = Field(
+        default=10_000, alias="TELEMETRY_BATCH_MAX_PENDING_ROWS", ge=1
+    )
+
+    # The generation and quota services (gRPC host:port), probed with grpc.health.v1.
+    generation_addr: str = Field(default="127.0.0.1:50051", alias="GENERATION_ADDR")
+    quota_addr: str = Field(default="127.0.0.1:50052", alias="QUOTA_ADDR")
+    # Timeout of each probe of GetHealth (they run concurrently); below Envoy's 5 s route
+    # timeout so /api/health always answers.
+    health_check_timeout_seconds: float = Field(
+        default=2.0, alias="HEALTH_CHECK_TIMEOUT_SECONDS", gt=0, lt=5
+    )
+    # A dependency answering slower than this is reported degraded (the spec's alert line).
+    health_degraded_latency_ms: float = Field(
+        default=500.0, alias="HEALTH_DEGRADED_LATENCY_MS", gt=0
+    )
+    # The name of the generation service's upstream (OpenAI) circuit breaker in its published
+    # stats snapshot; the `openai` dependency of GetHealth follows that breaker.
+    health_openai_breaker_name: str = Field(
+        default="openai", alias="HEALTH_OPENAI_BREAKER_NAME", min_length=1
+    )

@@ -1,0 +1,105 @@
+"""Requests to rows: the checks protovalidate cannot express."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from genmesh.telemetry.v1 import telemetry_pb2
+from services.common.errors import ServiceError
+from services.common.identity import Identity
+from services.telemetry import records
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+GUEST = Identity(user_id="", email="", client_ip="203.0.113.9")
+
+
+def event(**fields: Any) -> telemetry_pb2.FunnelEvent:
+    return telemetry_pb2.FunnelEvent(event_id=str(uuid.uuid4()), event="page_view", **fields)
+
+
+def at(moment: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def violations(err: pytest.ExceptionInfo[ServiceError]) -> dict[str, str]:
+    return {v.field: v.description for v in err.value.violations}
+
+
+def test_an_event_row_carries_identity_properties_and_time() -> None:
+    props = struct_pb2.Struct()
+    props.update({"button": "primary", "n": 2})
+    who = Identity(user_id="u1", email="", client_ip="198.51.100.7")
+    [row] = records.funnel_event_rows(
+        [event(properties=props, occurred_at=at(NOW - timedelta(hours=1)))], who, NOW
+    )
+    assert row.user_id == "u1"
+    assert row.client_ip == "198.51.100.7"
+    assert json.loads(row.properties_json) == {"button": "primary", "n": 2}
+    assert row.occurred_at == NOW - timedelta(hours=1)
+
+
+def test_a_missing_time_means_now_and_a_guest_has_no_user_id() -> None:
+    [row] = records.funnel_event_rows([event()], GUEST, NOW)
+    assert row.occurred_at == NOW
+    assert row.user_id is None
+    assert row.properties_json == "{}"
+
+
+@pytest.mark.parametrize(
+    ("moment", "words"),
+    [
+        (NOW + timedelta(hours=25), "future"),
+        (NOW - timedelta(days=31), "past"),
+        (datetime(9999, 1, 1, tzinfo=UTC), "future"),
+    ],
+)
+def test_times_out_of_the_window_are_refused(moment: datetime, words: str) -> None:
+    with pytest.raises(ServiceError) as caught:
+        records.funnel_event_rows([event(), event(occurred_at=at(moment))], GUEST, NOW)
+    assert words in violations(caught)["events[1].occurred_at"]
+
+
+def test_oversized_or_unstorable_properties_are_refused() -> None:
+    big = struct_pb2.Struct()
+    big.update({"blob": "x" * 5000})
+    nan = struct_pb2.Struct()
+    nan.update({"v": math.nan})
+    nul = struct_pb2.Struct()
+    nul.update({"k": "a\x00b"})
+    with pytest.raises(ServiceError) as caught:
+        records.funnel_event_rows(
+            [event(properties=big), event(properties=nan), event(properties=nul)], GUEST, NOW
+        )
+    found = violations(caught)
+    assert "4096 bytes" in found["events[0].properties"]
+    assert "NaN" in found["events[1].properties"]
+    assert "NUL" in found["events[2].properties"]
+
+
+def test_text_postgres_cannot_store_is_refused_before_it_reaches_a_batch() -> None:
+    request = telemetry_pb2.SubmitFeedbackRequest(rating=4, comment="a\x00b", lang="en-" + "a" * 40)
+    with pytest.raises(ServiceError) as caught:
+        records.feedback_row(request, GUEST)
+    assert set(violations(caught)) == {"comment", "lang"}
+
+
+def test_severity_is_stored_as_its_word() -> None:
+    request = telemetry_pb2.RecordSecurityEventRequest(
+        event_type="rate_limit_block", severity=telemetry_pb2.SEVERITY_CRITICAL, ip="192.0.2.1"
+    )
+    row = records.security_event_row(request)
+    assert (row.severity, row.ip, row.user_id, row.details_json) == (
+        "critical",
+        "192.0.2.1",
+        None,
+        "{}",
+    )
