@@ -10,6 +10,8 @@ from services.common.settings import PostgresSettings, RedisSettings, ServiceSet
 class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
     # GRPC_PORT; 0 picks a free port (tests).
     grpc_port: int = Field(default=50053, ge=0, le=65535)
+    # METRICS_PORT; 0 disables the Prometheus endpoint.
+    metrics_port: int = Field(default=9103, ge=0, le=65535)
 
     # Group commit: the most rows one batch (one transaction) holds. A single request larger
     # than this still goes in one transaction of its own, so a request is never split.

@@ -88,6 +88,7 @@ def make_settings(
 ) -> TelemetrySettings:
     values: dict[str, Any] = {
         "grpc_port": 0,
+        "metrics_port": 0,
         "database_url": database_url,
         "redis_url": redis_url,
         # Its own prefix: no other test's published stats show up in this service's health.
