@@ -1,0 +1,205 @@
+"""Builds the generation service from its settings: clients, stores, the pipeline, servicers,
+health dependencies and the shutdown sequence. Nothing runs until `start()`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import openai
+
+from genmesh.generation.v1 import generation_pb2_grpc
+from services.common.breaker import CircuitBreaker
+from services.common.perf import PerformanceMonitor
+from services.common.redis import ResilientRedis
+from services.common.server import Dependency, GrpcService
+from services.generation.admin_auth import AdminGuard
+from services.generation.background import BackgroundTasks
+from services.generation.cache import (
+    MemoryResponseCache,
+    RedisResponseCache,
+    ResilientResponseCache,
+)
+from services.generation.inflight import InFlightLimiter
+from services.generation.pipeline import GenerationPipeline, PipelineConfig
+from services.generation.quota_client import QuotaClient
+from services.generation.security_events import TelemetrySecurityEvents
+from services.generation.servicer import GenerationAdminServicer, GenerationServicer
+from services.generation.settings import PLACEHOLDER_API_KEY, GenerationSettings
+from services.generation.stats_publisher import StatsPublisher, default_replica_id
+from services.generation.upstream import OpenAIUpstream
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    "genmesh.generation.v1.GenerationService",
+    "genmesh.generation.v1.GenerationAdminService",
+)
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Long-lived channels to quota and telemetry: keepalive pings find a dead peer (e.g. a pod
+# gone without a FIN) in ~40 s instead of at the next call's deadline; the mesh's servers
+# accept pings every 10 s. round_robin spreads calls over every address the name resolves
+# to (a headless Kubernetes Service); with one address it changes nothing.
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+]
+# How long stop() waits for in-flight settlements and security events.
+BACKGROUND_DRAIN_SECONDS = 5.0
+SECURITY_EVENT_TIMEOUT_SECONDS = 2.0
+
+
+def build_openai_client(settings: GenerationSettings) -> openai.AsyncOpenAI | None:
+    """The SDK client, or None when no key is configured and no base URL makes one optional."""
+    api_key = settings.openai_api_key
+    if not api_key and settings.openai_base_url:
+        # An OpenAI-compatible server (the simulator) ignores the key, but the SDK needs one.
+        api_key = PLACEHOLDER_API_KEY
+    if not api_key:
+        return None
+    return openai.AsyncOpenAI(
+        api_key=api_key,
+        # Explicit, so the SDK never picks up a different OPENAI_BASE_URL on its own.
+        base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+        timeout=settings.openai_timeout_seconds,
+        max_retries=settings.openai_max_retries,
+    )
+
+
+@dataclass
+class GenerationComponents:
+    """The parts a running service is made of (tests and the stats publisher read them)."""
+
+    settings: GenerationSettings
+    perf: PerformanceMonitor
+    redis: ResilientRedis
+    cache: ResilientResponseCache
+    breaker: CircuitBreaker
+    limiter: InFlightLimiter
+    quota: QuotaClient
+    pipeline: GenerationPipeline
+    stats: StatsPublisher
+    background: BackgroundTasks
+
+
+class GenerationService(GrpcService):
+    def __init__(
+        self,
+        components: GenerationComponents,
+        register: Callable[[grpc.aio.Server], None],
+        dependencies: Sequence[Dependency],
+        on_stop: Sequence[Callable[[], Awaitable[None]]],
+    ) -> None:
+        super().__init__(
+            "generation", components.settings, SERVICE_NAMES, register, dependencies, on_stop
+        )
+        self.components = components
+
+    async def start(self) -> int:
+        port = await super().start()
+        # Published once right away, then every interval, so health sees a new replica at once.
+        await self.components.stats.start()
+        return port
+
+
+async def create_service(settings: GenerationSettings) -> GenerationService:
+    perf = PerformanceMonitor(settings.slow_operation_ms)
+    redis = ResilientRedis(settings, perf)
+    cache = ResilientResponseCache(
+        RedisResponseCache(redis, settings.gen_cache_ttl_seconds) if redis.configured else None,
+        MemoryResponseCache(settings.gen_cache_ttl_seconds, settings.gen_cache_memory_max_entries),
+    )
+    breaker = CircuitBreaker(
+        "openai",
+        failure_threshold=settings.circuit_breaker_threshold,
+        reset_timeout=settings.circuit_breaker_timeout_seconds,
+        half_open_successes=settings.circuit_breaker_half_open_attempts,
+    )
+    limiter = InFlightLimiter(settings.gen_max_inflight)
+    background = BackgroundTasks()
+
+    quota_channel = grpc.aio.insecure_channel(settings.quota_addr, options=CHANNEL_OPTIONS)
+    telemetry_channel = grpc.aio.insecure_channel(settings.telemetry_addr, options=CHANNEL_OPTIONS)
+    quota = QuotaClient(quota_channel, settings.quota_timeout_seconds, perf)
+    security_events = TelemetrySecurityEvents(
+        telemetry_channel, SECURITY_EVENT_TIMEOUT_SECONDS, background
+    )
+
+    openai_client = build_openai_client(settings)
+    if openai_client is None:
+        log.error(
+            "OPENAI_API_KEY is not set (and no OPENAI_BASE_URL): generation is NOT_SERVING "
+            "until it is configured"
+        )
+    pipeline = GenerationPipeline(
+        PipelineConfig.from_settings(settings),
+        OpenAIUpstream(openai_client, perf) if openai_client is not None else None,
+        cache,
+        quota,
+        breaker,
+        limiter,
+        background,
+        security_events,
+    )
+    stats = StatsPublisher(
+        redis,
+        settings.gen_replica_id or default_replica_id(),
+        settings.stats_publish_interval_seconds,
+        breaker,
+        cache,
+        perf,
+    )
+    components = GenerationComponents(
+        settings, perf, redis, cache, breaker, limiter, quota, pipeline, stats, background
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(pipeline), server
+        )
+        generation_pb2_grpc.add_GenerationAdminServiceServicer_to_server(
+            GenerationAdminServicer(
+                AdminGuard(settings.genmesh_admin_token, security_events), cache, perf
+            ),
+            server,
+        )
+
+    # Readiness: no generation without a quota reservation, so quota is required. Redis is
+    # optional (the in-memory fallback). The upstream model API is deliberately not probed:
+    # its outages are what the circuit breaker is for (fail fast with UPSTREAM_UNAVAILABLE
+    # and a Retry-After, cached answers still served, recovery found by half-open calls),
+    # whereas NOT_SERVING would make every replica leave the load balancer at once, turning
+    # a partial upstream outage into a total one and hiding the cache and admin API.
+    dependencies = [
+        Dependency("quota", quota.check_health, required=True),
+        Dependency("redis", redis.ping, required=False),
+    ]
+    if openai_client is None:
+        # A configuration error, not an outage: report it rather than serve certain failures.
+        dependencies.append(Dependency("openai_config", _missing_api_key, required=True))
+
+    async def close_clients() -> None:
+        await background.drain(BACKGROUND_DRAIN_SECONDS)
+        await quota_channel.close(grace=None)
+        await telemetry_channel.close(grace=None)
+        if openai_client is not None:
+            await openai_client.close()
+
+    return GenerationService(
+        components,
+        register,
+        dependencies,
+        # Order matters: stop publishing (needs Redis), finish settlements (need the quota
+        # channel), then close the clients, Redis last.
+        on_stop=[stats.stop, close_clients, redis.close],
+    )
+
+
+async def _missing_api_key() -> None:
+    raise RuntimeError("OPENAI_API_KEY is not set and OPENAI_BASE_URL is empty")

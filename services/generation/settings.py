@@ -1,0 +1,87 @@
+"""Generation settings, read once from the environment. Names from the product spec stay
+(`OPENAI_*`, `GEN_CACHE_TTL_SECONDS`, `GEN_MAX_INFLIGHT`, `CIRCUIT_BREAKER_*`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.settings import RedisSettings, ServiceSettings
+
+# Used only when OPENAI_BASE_URL points at an OpenAI-compatible server (the simulator) and no
+# key is set: the SDK refuses to start without one, and such servers ignore it.
+PLACEHOLDER_API_KEY = "sk-genmesh-simulator"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are genmesh, a helpful assistant. Answer clearly and concisely. "
+    "When given an image, describe what matters in it and answer the question about it. "
+    "Answer in {lang}."
+)
+
+
+class GenerationSettings(ServiceSettings, RedisSettings):
+    # GRPC_PORT; 0 picks a free port (tests).
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+
+    # API key for the upstream. Empty is allowed: with OPENAI_BASE_URL set (the simulator or
+    # another OpenAI-compatible server) a placeholder key is sent; with neither set the service
+    # starts but reports NOT_SERVING and Generate fails with UNAVAILABLE until it is configured.
+    openai_api_key: str = Field(default="", alias="OPENAI_API_KEY", repr=False)
+    # Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8900/v1; empty = OpenAI's.
+    openai_base_url: str = Field(default="", alias="OPENAI_BASE_URL")
+    # Model for text-only prompts.
+    openai_text_model: str = Field(default="gpt-4o-mini", alias="OPENAI_TEXT_MODEL", min_length=1)
+    # Model for prompts with an image (must accept image_url content parts).
+    openai_vision_model: str = Field(
+        default="gpt-4o-mini", alias="OPENAI_VISION_MODEL", min_length=1
+    )
+    # Per-attempt timeout of an upstream call (for streams: the longest gap between chunks).
+    openai_timeout_seconds: float = Field(default=30.0, alias="OPENAI_TIMEOUT_SECONDS", gt=0)
+    # Retries the SDK makes itself (exponential backoff, honouring Retry-After) on 408, 409,
+    # 429, 5xx and connection errors, within the caller's deadline. 0 disables them.
+    openai_max_retries: int = Field(default=2, alias="OPENAI_MAX_RETRIES", ge=0, le=10)
+    # Upper bound on the answer's length, in tokens.
+    openai_max_tokens: int = Field(default=800, alias="OPENAI_MAX_TOKENS", ge=1)
+
+    # How long a successful answer stays in the response cache.
+    gen_cache_ttl_seconds: int = Field(default=3600, alias="GEN_CACHE_TTL_SECONDS", ge=1)
+    # Entries the per-replica in-memory fallback cache holds (least recently used go first).
+    gen_cache_memory_max_entries: int = Field(
+        default=1000, alias="GEN_CACHE_MEMORY_MAX_ENTRIES", ge=1
+    )
+    # Generations one replica runs at once; more fail fast with UNAVAILABLE/OVERLOADED.
+    gen_max_inflight: int = Field(default=25, alias="GEN_MAX_INFLIGHT", ge=1)
+    # The system prompt. "{lang}" is replaced by the requested language; a prompt without
+    # the placeholder gets "Answer in <lang>." appended. Changing it changes cache keys.
+    gen_system_prompt: str = Field(
+        default=DEFAULT_SYSTEM_PROMPT, alias="GEN_SYSTEM_PROMPT", min_length=1
+    )
+
+    # Consecutive upstream failures (429, 500, 502, 503, 504, timeouts, connection errors)
+    # that open the upstream circuit breaker ...
+    circuit_breaker_threshold: int = Field(default=5, alias="CIRCUIT_BREAKER_THRESHOLD", ge=1)
+    # ... how long it then fails fast before letting calls through half-open ...
+    circuit_breaker_timeout_seconds: float = Field(
+        default=60.0, alias="CIRCUIT_BREAKER_TIMEOUT_SECONDS", gt=0
+    )
+    # ... and how many half-open successes close it again.
+    circuit_breaker_half_open_attempts: int = Field(
+        default=3, alias="CIRCUIT_BREAKER_HALF_OPEN_ATTEMPTS", ge=1
+    )
+
+    # The quota service (gRPC host:port). Required: no generation without a reservation.
+    quota_addr: str = Field(default="127.0.0.1:50052", alias="QUOTA_ADDR")
+    # Deadline of each call to the quota service.
+    quota_timeout_seconds: float = Field(default=2.0, alias="QUOTA_TIMEOUT_SECONDS", gt=0)
+    # The telemetry service (gRPC host:port), told about security events (best effort).
+    telemetry_addr: str = Field(default="127.0.0.1:50053", alias="TELEMETRY_ADDR")
+
+    # The admin credential expected in the `x-admin-token` header. Empty disables the admin
+    # API (every call gets PERMISSION_DENIED).
+    genmesh_admin_token: str = Field(default="", alias="GENMESH_ADMIN_TOKEN", repr=False)
+
+    # How often this replica publishes its stats snapshot to Redis for the health endpoint.
+    stats_publish_interval_seconds: float = Field(
+        default=5.0, alias="STATS_PUBLISH_INTERVAL_SECONDS", gt=0
+    )
+    # This replica's name in the stats snapshot; empty = "<hostname>-<pid>".
+    gen_replica_id: str = Field(default="", alias="GEN_REPLICA_ID")

@@ -1,0 +1,673 @@
+"""The generation service end to end over gRPC: the OpenAI simulator in-process, the real quota
+service on this run's PostgreSQL and Redis, and the service's own Redis prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+
+from genmesh.generation.v1 import generation_pb2 as gen
+from services.common.identity import CLIENT_IP_HEADER, Identity
+from services.generation.pipeline import GenerationRequest
+from tests.generation.conftest import (
+    GUEST_DAILY_LIMIT,
+    Generation,
+    Quota,
+    Sim,
+    Telemetry,
+    eventually,
+    retry_after_header,
+    running_sim,
+    service_error,
+    unique_ip,
+)
+from tests.generation.upstreams import running_broken_stream_upstream
+from tests.images import tiny_png
+
+pytestmark = pytest.mark.integration
+
+
+def prompt(text: str = "What is the capital of France?") -> gen.GenerateRequest:
+    return gen.GenerateRequest(text=f"{text} {uuid.uuid4()}", lang="en")
+
+
+async def stream_events(
+    g: Generation, request: gen.GenerateRequest
+) -> list[gen.StreamGenerateResponse]:
+    return [event async for event in g.stub.StreamGenerate(request, metadata=g.guest)]
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+
+async def test_text_generation_returns_the_upstream_answer(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    async with make_generation(sim) as g:
+        request = prompt("Name a colour")
+        reply = await g.stub.Generate(request, metadata=g.guest)
+
+    uuid.UUID(reply.generation_id)
+    assert "You said:" in reply.text and "Simulated answer" in reply.text
+    assert reply.model == "gpt-4o-mini"
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.cached is False
+    assert reply.quota.plan == "guest"
+    assert (reply.quota.limit, reply.quota.used) == (GUEST_DAILY_LIMIT, 1)
+    assert reply.quota.remaining == GUEST_DAILY_LIMIT - 1
+    assert reply.quota.resets_at.seconds > time.time()
+    assert await sim.requests() == 1
+    # Committed: the unit stays used.
+    assert (await quota.of_guest(g.ip)).used == 1
+
+
+async def test_language_reaches_the_model(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim) as g:
+        reply = await g.stub.Generate(
+            gen.GenerateRequest(text=f"Olá {uuid.uuid4()}", lang="pt-BR"), metadata=g.guest
+        )
+    assert reply.text.startswith("[pt-BR]")
+
+
+async def test_image_generation_goes_to_the_vision_model(make_generation: Any, sim: Sim) -> None:
+    png = tiny_png()
+    async with make_generation(sim) as g:
+        reply = await g.stub.Generate(
+            gen.GenerateRequest(text="What is this?", image_data=png, image_mime_type="image/png"),
+            metadata=g.guest,
+        )
+        image_only = await g.stub.Generate(
+            gen.GenerateRequest(image_data=png, image_mime_type="image/png"), metadata=g.guest
+        )
+    assert reply.model == "gpt-4o"
+    assert f"I see a image/png image of {len(png)} bytes." in reply.text
+    assert "What is this?" in reply.text
+    assert image_only.model == "gpt-4o"
+    assert "image/png" in image_only.text
+
+
+@pytest.mark.parametrize(
+    ("image", "declared"),
+    [
+        (b"definitely not an image", "image/png"),
+        (tiny_png(), "image/jpeg"),
+        (b"GIF89a" + bytes(20), "image/webp"),
+    ],
+)
+async def test_image_bytes_must_match_the_declared_type(
+    make_generation: Any, sim: Sim, quota: Quota, telemetry: Telemetry, image: bytes, declared: str
+) -> None:
+    async with make_generation(sim) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(
+                gen.GenerateRequest(text="hi", image_data=image, image_mime_type=declared),
+                metadata=g.guest,
+            )
+        err = service_error(caught.value)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert err.reason == "INVALID_ARGUMENT"
+        assert [v.field for v in err.violations] == ["image_mime_type"]
+        # Rejected before anything was spent.
+        assert await sim.requests() == 0
+        assert (await quota.of_guest(g.ip)).used == 0
+
+        async def reported() -> bool:
+            return any(
+                e.ip == g.ip and e.details["declared"] == declared
+                for e in telemetry.recorder.of_type("image_type_mismatch")
+            )
+
+        await eventually(reported)
+
+
+async def test_protovalidate_rules_name_the_field(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim) as g:
+        for request, field in [
+            (gen.GenerateRequest(text=""), "text"),
+            (gen.GenerateRequest(text="   \n\t "), "text"),
+            (gen.GenerateRequest(text="x" * 4001), "text"),
+            (gen.GenerateRequest(text="hi", lang="not a lang!"), "lang"),
+            (gen.GenerateRequest(image_data=tiny_png()), "image_mime_type"),
+            (
+                gen.GenerateRequest(image_data=tiny_png(), image_mime_type="image/tiff"),
+                "image_mime_type",
+            ),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await g.stub.Generate(request, metadata=g.guest)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert field in {v.field for v in service_error(caught.value).violations}
+    assert await sim.requests() == 0
+
+
+# -- the response cache ----------------------------------------------------------------------------
+
+
+async def test_repeat_is_served_from_the_cache(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    async with make_generation(sim) as g:
+        request = prompt()
+        first = await g.stub.Generate(request, metadata=g.guest)
+        # Same prompt modulo blanks: same key.
+        spaced = gen.GenerateRequest(text=f"  {request.text.replace(' ', '   ')}\n", lang="en")
+        second = await g.stub.Generate(spaced, metadata=g.guest)
+        other_lang = await g.stub.Generate(
+            gen.GenerateRequest(text=request.text, lang="de"), metadata=g.guest
+        )
+        stats = await g.admin.GetCacheStats(gen.GetCacheStatsRequest(), metadata=g.admin_md)
+
+    assert first.cached is False
+    assert second.cached is True
+    assert second.text == first.text
+    assert second.usage == first.usage
+    assert second.generation_id != first.generation_id
+    assert other_lang.cached is False
+    assert await sim.requests() == 2  # the repeat never reached the upstream
+    # A cached answer still costs a unit (the quota counts generations, not upstream calls).
+    assert (await quota.of_guest(g.ip)).used == 3
+    assert (stats.hits, stats.misses, stats.entries, stats.backend) == (1, 2, 2, "redis")
+    assert stats.hit_rate == pytest.approx(1 / 3)
+
+
+async def test_without_redis_the_memory_cache_serves(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim, redis_url="") as g:
+        request = prompt()
+        first = await g.stub.Generate(request, metadata=g.guest)
+        second = await g.stub.Generate(request, metadata=g.guest)
+        stats = await g.admin.GetCacheStats(gen.GetCacheStatsRequest(), metadata=g.admin_md)
+    assert (first.cached, second.cached) == (False, True)
+    assert (stats.backend, stats.entries, stats.hits) == ("memory", 1, 1)
+    assert await sim.requests() == 1
+
+
+# -- upstream failures ---------------------------------------------------------------------------
+
+
+async def test_upstream_500_is_unavailable_and_the_unit_is_refunded(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    await sim.set_faults(status=500, rate=1.0)
+    async with make_generation(sim) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        err = service_error(caught.value)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert err.reason == "UPSTREAM_UNAVAILABLE"
+        assert retry_after_header(caught.value) >= 1
+        assert await sim.requests() == 1
+        assert (await quota.of_guest(g.ip)).used == 0
+        assert g.service.components.breaker.snapshot().failures == 1
+
+        # Nothing was cached: once the upstream is back, the same prompt reaches it.
+        await sim.clear_faults()
+        await g.stub.Generate(prompt(), metadata=g.guest)
+        assert (await quota.of_guest(g.ip)).used == 1
+
+
+async def test_the_sdk_retries_before_giving_up(make_generation: Any, sim: Sim) -> None:
+    await sim.set_faults(status=503, rate=1.0)
+    async with make_generation(sim, openai_max_retries=1) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert await sim.requests() == 2
+
+
+async def test_upstream_429_is_our_dependency_limit_not_the_callers(
+    make_generation: Any, sim: Sim
+) -> None:
+    await sim.set_faults(status=429, rate=1.0, retry_after=7)
+    async with make_generation(sim) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    err = service_error(caught.value)
+    assert err.reason == "UPSTREAM_UNAVAILABLE"
+    assert err.retry_after_seconds == 7
+    assert retry_after_header(caught.value) == 7
+
+
+async def test_upstream_400_is_rejected_input_and_does_not_count_against_the_breaker(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    await sim.set_faults(status=400, rate=1.0)
+    async with make_generation(sim, circuit_breaker_threshold=1) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert service_error(caught.value).reason == "UPSTREAM_REJECTED"
+        assert g.service.components.breaker.snapshot().state == "closed"
+        assert (await quota.of_guest(g.ip)).used == 0
+
+
+async def test_upstream_timeout_is_deadline_exceeded(make_generation: Any, sim: Sim) -> None:
+    await sim.set_faults(hang=True, rate=1.0)
+    async with make_generation(sim, openai_timeout_seconds=0.3) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert service_error(caught.value).reason == "UPSTREAM_TIMEOUT"
+        assert g.service.components.breaker.snapshot().failures == 1
+    await sim.clear_faults()
+
+
+async def test_five_failures_open_the_breaker_and_then_it_fails_fast(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    await sim.set_faults(status=502, rate=1.0)
+    async with make_generation(sim, circuit_breaker_timeout_seconds=60) as g:
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await g.stub.Generate(prompt(), metadata=g.guest)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert await sim.requests() == 5
+        # The call that opened it already tells the caller to wait for the breaker.
+        assert 55 <= retry_after_header(caught.value) <= 60
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        err = service_error(caught.value)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert err.reason == "UPSTREAM_UNAVAILABLE"
+        assert 55 <= retry_after_header(caught.value) <= 60
+        assert err.retry_after_seconds is not None and 0 < err.retry_after_seconds <= 60
+        assert await sim.requests() == 5  # failed fast: never reached the upstream
+        assert (await quota.of_guest(g.ip)).used == 0  # ... nor took any quota
+
+        # Streams fail fast too, with a normal status (nothing was sent yet).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream_events(g, prompt())
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert await sim.requests() == 5
+        assert g.service.components.breaker.snapshot().state == "open"
+
+
+async def test_an_open_breaker_still_serves_cached_answers(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim, circuit_breaker_threshold=1) as g:
+        known = prompt()
+        first = await g.stub.Generate(known, metadata=g.guest)
+        await sim.set_faults(status=500, rate=1.0)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        assert g.service.components.breaker.snapshot().state == "open"
+        again = await g.stub.Generate(known, metadata=g.guest)
+    assert again.cached is True
+    assert again.text == first.text
+
+
+async def test_over_the_inflight_limit_calls_fail_fast(make_generation: Any) -> None:
+    async with (
+        running_sim(latency_ms=600) as slow_sim,
+        make_generation(slow_sim, gen_max_inflight=1) as g,
+    ):
+        first = asyncio.ensure_future(g.stub.Generate(prompt(), metadata=g.guest))
+
+        async def first_reached_upstream() -> bool:
+            return await slow_sim.requests() == 1
+
+        await eventually(first_reached_upstream)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        err = service_error(caught.value)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert err.reason == "OVERLOADED"
+        assert retry_after_header(caught.value) == 1
+        assert (await first).text  # the first one was not disturbed
+        assert await slow_sim.requests() == 1
+        # The slot is free again.
+        assert (await g.stub.Generate(prompt(), metadata=g.guest)).text
+
+
+# -- quota ---------------------------------------------------------------------------------------
+
+
+async def test_quota_exhaustion_is_relayed_with_its_retry_info(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    async with make_generation(sim) as g:
+        for _ in range(GUEST_DAILY_LIMIT):
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        err = service_error(caught.value)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.reason == "QUOTA_EXHAUSTED"
+        assert err.retry_after_seconds is not None and 0 < err.retry_after_seconds <= 86400
+        assert 0 < retry_after_header(caught.value) <= 86400
+        assert await sim.requests() == GUEST_DAILY_LIMIT
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream_events(g, prompt())
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await quota.of_guest(g.ip)).remaining == 0
+
+
+async def test_quota_unreachable_is_dependency_unavailable_and_not_serving(
+    make_generation: Any, sim: Sim
+) -> None:
+    async with make_generation(sim, quota_addr="127.0.0.1:1", quota_timeout_seconds=0.5) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert service_error(caught.value).reason == "DEPENDENCY_UNAVAILABLE"
+        health = health_pb2_grpc.HealthStub(g.channel)
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service="genmesh.generation.v1.GenerationService")
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await sim.requests() == 0
+
+
+async def test_serving_when_quota_is_up_even_without_redis_or_upstream(
+    make_generation: Any,
+) -> None:
+    # The upstream is no readiness dependency (the breaker handles it); Redis is optional.
+    async with make_generation(None, openai_base_url="http://127.0.0.1:1/v1", redis_url="") as g:
+        health = health_pb2_grpc.HealthStub(g.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert service_error(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+
+
+async def test_no_api_key_and_no_base_url_is_not_serving(make_generation: Any) -> None:
+    async with make_generation(None, openai_api_key="", openai_base_url="") as g:
+        health = health_pb2_grpc.HealthStub(g.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert any(s.name == "openai_config" and not s.ok for s in g.service.last_statuses)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(prompt(), metadata=g.guest)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "OPENAI_API_KEY" in (caught.value.details() or "")
+
+
+# -- streaming -----------------------------------------------------------------------------------
+
+
+async def test_stream_sends_deltas_then_done(make_generation: Any, sim: Sim, quota: Quota) -> None:
+    async with make_generation(sim) as g:
+        request = prompt("Tell me a story about a lighthouse keeper and a cat")
+        events = await stream_events(g, request)
+        plain = await g.stub.Generate(request, metadata=g.guest)
+
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "done"
+    assert kinds.count("delta") > 1  # really streamed
+    assert set(kinds[:-1]) == {"delta"}
+    done = events[-1].done
+    assert "".join(e.delta.text for e in events[:-1]) == done.text
+    assert done.cached is False
+    assert done.usage.total_tokens > 0
+    assert done.model == "gpt-4o-mini"
+    assert done.quota.used == 1
+    uuid.UUID(done.generation_id)
+    # The streamed answer was cached like any other.
+    assert plain.cached is True
+    assert plain.text == done.text
+    assert (await quota.of_guest(g.ip)).used == 2
+
+
+async def test_stream_of_a_cached_answer_is_one_delta_and_done(
+    make_generation: Any, sim: Sim
+) -> None:
+    async with make_generation(sim) as g:
+        request = prompt()
+        first = await g.stub.Generate(request, metadata=g.guest)
+        events = await stream_events(g, request)
+    assert [e.WhichOneof("event") for e in events] == ["delta", "done"]
+    assert events[0].delta.text == first.text
+    assert events[1].done.cached is True
+    assert await sim.requests() == 1
+
+
+async def test_stream_failing_before_any_delta_is_a_normal_error(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    await sim.set_faults(status=503, rate=1.0, retry_after=3)
+    async with make_generation(sim) as g:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream_events(g, prompt())
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert service_error(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+        assert retry_after_header(caught.value) == 3
+        assert (await quota.of_guest(g.ip)).used == 0
+
+
+async def test_stream_failing_midway_ends_with_an_in_band_error(
+    make_generation: Any, quota: Quota
+) -> None:
+    """An upstream that sends one chunk and drops the connection (the simulator cannot)."""
+    async with (
+        running_broken_stream_upstream() as base_url,
+        make_generation(None, openai_base_url=base_url) as g,
+    ):
+        events = await stream_events(g, prompt())
+        assert [e.WhichOneof("event") for e in events] == ["delta", "error"]
+        assert events[0].delta.text == "Hello "
+        error = events[1].error
+        assert (error.code, error.reason) == ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE")
+        assert error.message
+        # Refunded, and counted against the upstream.
+        assert (await quota.of_guest(g.ip)).used == 0
+        assert g.service.components.breaker.snapshot().failures == 1
+
+
+# -- admin ---------------------------------------------------------------------------------------
+
+
+async def test_admin_needs_the_right_token(
+    make_generation: Any, sim: Sim, telemetry: Telemetry
+) -> None:
+    async with make_generation(sim) as g:
+        request = gen.GetCacheStatsRequest()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.admin.GetCacheStats(request, metadata=g.guest)
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert service_error(caught.value).reason == "UNAUTHENTICATED"
+
+        for rpc, req in [
+            (g.admin.GetCacheStats, request),
+            (g.admin.InvalidateCache, gen.InvalidateCacheRequest(all=True)),
+            (g.admin.GetPerformanceStats, gen.GetPerformanceStatsRequest()),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await rpc(req, metadata=(*g.guest, ("x-admin-token", "wrong")))
+            assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+        assert (await g.admin.GetCacheStats(request, metadata=g.admin_md)).backend == "redis"
+
+        async def reported() -> bool:
+            failures = [e for e in telemetry.recorder.of_type("admin_auth_failed") if e.ip == g.ip]
+            return {e.details["reason"] for e in failures} == {"missing", "invalid"}
+
+        await eventually(reported)
+
+
+async def test_admin_is_disabled_without_a_configured_token(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim, genmesh_admin_token="") as g:
+        for metadata in [(), (("x-admin-token", ""),), (("x-admin-token", "anything"),)]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await g.admin.GetCacheStats(gen.GetCacheStatsRequest(), metadata=metadata)
+            assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert "admin API disabled" in (caught.value.details() or "")
+
+
+async def test_invalidation_by_tag_key_and_all(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim) as g:
+        md = g.admin_md
+
+        async def ask(text: str, lang: str = "en", image: bytes = b"") -> gen.GenerateResponse:
+            reply: gen.GenerateResponse = await g.stub.Generate(
+                gen.GenerateRequest(
+                    text=text,
+                    lang=lang,
+                    image_data=image,
+                    image_mime_type="image/png" if image else "",
+                ),
+                # A fresh guest each time: this test makes more calls than a daily quota.
+                metadata=((CLIENT_IP_HEADER, unique_ip()),),
+            )
+            return reply
+
+        english, german, picture = f"en {uuid.uuid4()}", f"de {uuid.uuid4()}", f"pic {uuid.uuid4()}"
+        await ask(english)
+        await ask(german, "de")
+        await ask(picture, image=tiny_png())
+        assert (await g.admin.GetCacheStats(gen.GetCacheStatsRequest(), metadata=md)).entries == 3
+
+        removed = await g.admin.InvalidateCache(
+            gen.InvalidateCacheRequest(tag="lang:de"), metadata=md
+        )
+        assert removed.removed == 1
+        assert (await ask(german, "de")).cached is False  # gone, so answered afresh
+        assert (await ask(english)).cached is True  # untouched
+
+        removed = await g.admin.InvalidateCache(
+            gen.InvalidateCacheRequest(tag="kind:image"), metadata=md
+        )
+        assert removed.removed == 1
+        removed = await g.admin.InvalidateCache(
+            gen.InvalidateCacheRequest(tag="model:gpt-4o-mini"), metadata=md
+        )
+        assert removed.removed == 2  # english and the re-asked german
+        assert (await g.admin.GetCacheStats(gen.GetCacheStatsRequest(), metadata=md)).entries == 0
+
+        # By key: the key is what the pipeline derives from the request.
+        await ask(english)
+        prepared = g.service.components.pipeline.prepare(_domain_request(english))
+        removed = await g.admin.InvalidateCache(
+            gen.InvalidateCacheRequest(key=prepared.cache_key), metadata=md
+        )
+        assert removed.removed == 1
+        removed = await g.admin.InvalidateCache(
+            gen.InvalidateCacheRequest(key=prepared.cache_key), metadata=md
+        )
+        assert removed.removed == 0
+
+        await ask(english)
+        await ask(german, "de")
+        stats = await g.admin.GetCacheStats(gen.GetCacheStatsRequest(), metadata=md)
+        assert stats.entries == 2
+        removed = await g.admin.InvalidateCache(gen.InvalidateCacheRequest(all=True), metadata=md)
+        assert removed.removed == 2
+        stats = await g.admin.GetCacheStats(gen.GetCacheStatsRequest(), metadata=md)
+        assert stats.entries == 0
+        assert (
+            stats.invalidations == 7
+        )  # 1 (lang:de) + 1 (kind:image) + 2 (model) + 1 (key) + 2 (all)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.admin.InvalidateCache(gen.InvalidateCacheRequest(), metadata=md)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _domain_request(text: str) -> GenerationRequest:
+    return GenerationRequest(text, b"", "", "en", Identity("", "", "127.0.0.1"))
+
+
+async def test_performance_stats(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim, slow_operation_ms=1234) as g:
+        await g.stub.Generate(prompt(), metadata=g.guest)
+        stats = await g.admin.GetPerformanceStats(
+            gen.GetPerformanceStatsRequest(), metadata=g.admin_md
+        )
+    assert stats.slow_threshold_ms == 1234
+    ops = {op.name: op for op in stats.operations}
+    assert ops["openai.chat.completions"].count == 1
+    assert ops["openai.chat.completions"].errors == 0
+    assert ops["openai.chat.completions"].avg_ms > 0
+    assert ops["quota.reserve"].count == 1
+    assert ops["quota.settle"].count == 1
+    assert {"redis.get", "redis.set"} <= set(ops)
+
+
+async def read_json(client: Redis, key: str) -> Any:
+    raw = await client.get(key)
+    assert raw is not None, f"{key} is missing"
+    return json.loads(raw)
+
+
+# -- the stats snapshot --------------------------------------------------------------------------
+
+
+async def test_stats_snapshot_is_published_to_redis(
+    make_generation: Any, sim: Sim, redis_url: str
+) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        async with make_generation(sim, stats_publish_interval_seconds=0.2) as g:
+            key = f"{g.settings.redis_key_prefix}stats:generation:{g.settings.gen_replica_id}"
+            # Published at start already.
+            first = await read_json(client, key)
+            ttl_ms = await client.pttl(key)
+            assert 0 < ttl_ms <= 600
+
+            await g.stub.Generate(prompt(), metadata=g.guest)
+
+            async def shows_the_call() -> bool:
+                raw = await client.get(key)
+                ops = {o["name"] for o in json.loads(raw)["operations"]} if raw else set()
+                return "openai.chat.completions" in ops
+
+            await eventually(shows_the_call)
+            snapshot = await read_json(client, key)
+        # A replica that stops cleanly leaves at once.
+        assert await client.exists(key) == 0
+    finally:
+        await client.aclose()
+
+    assert set(first) == {"replica", "published_at", "circuit_breakers", "cache", "operations"}
+    assert first["replica"] == g.settings.gen_replica_id
+    assert snapshot["published_at"] >= first["published_at"]
+    assert abs(snapshot["published_at"] - time.time()) < 60
+    assert snapshot["circuit_breakers"] == [
+        {
+            "name": "openai",
+            "state": "closed",
+            "failures": 0,
+            "successes": 1,
+            "last_failure_time": None,
+        }
+    ]
+    assert snapshot["cache"] == {"hits": 0, "misses": 1, "entries": 1, "backend": "redis"}
+    for op in snapshot["operations"]:
+        assert set(op) == {"name", "count", "errors", "total_ms", "max_ms", "slow"}
+        assert isinstance(op["count"], int) and isinstance(op["total_ms"], float)
+    openai_op = next(o for o in snapshot["operations"] if o["name"] == "openai.chat.completions")
+    assert (openai_op["count"], openai_op["errors"], openai_op["slow"]) == (1, 0, 0)
+
+
+async def test_breaker_state_in_the_snapshot(
+    make_generation: Any, sim: Sim, redis_url: str
+) -> None:
+    await sim.set_faults(status=500, rate=1.0)
+    client = Redis.from_url(redis_url)
+    try:
+        async with make_generation(sim, circuit_breaker_threshold=1) as g:
+            key = f"{g.settings.redis_key_prefix}stats:generation:{g.settings.gen_replica_id}"
+            with pytest.raises(grpc.aio.AioRpcError):
+                await g.stub.Generate(prompt(), metadata=g.guest)
+
+            async def shows_open() -> bool:
+                snapshot = await read_json(client, key)
+                return bool(snapshot["circuit_breakers"][0]["state"] == "open")
+
+            await eventually(shows_open)
+            breaker = (await read_json(client, key))["circuit_breakers"][0]
+    finally:
+        await client.aclose()
+    assert breaker["failures"] == 1
+    assert isinstance(breaker["last_failure_time"], float)
+    assert abs(breaker["last_failure_time"] - time.time()) < 60
