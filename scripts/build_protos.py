@@ -12,6 +12,7 @@ validator we run.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import shutil
@@ -67,24 +68,25 @@ def run_protoc(args: list[str]) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate stubs and the descriptor set.")
+    parser.add_argument(
+        "--no-typing-stubs",
+        action="store_true",
+        help="skip the .pyi files (container images: they need the mypy-protobuf dev tool)",
+    )
+    typing_stubs = not parser.parse_args().no_typing_stubs
     shutil.rmtree(GEN, ignore_errors=True)
     PY_OUT.mkdir(parents=True)
     write_validate_descriptor_set()
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    outputs = [
-        f"--python_out={PY_OUT}",
-        f"--mypy_out={PY_OUT}",
-        f"--grpc_python_out={PY_OUT}",
-        f"--mypy_grpc_out={PY_OUT}",
-    ]
+    outputs = [f"--python_out={PY_OUT}", f"--grpc_python_out={PY_OUT}"]
+    validate_outputs = [f"--python_out={PY_OUT}"]
+    if typing_stubs:
+        outputs += [f"--mypy_out={PY_OUT}", f"--mypy_grpc_out={PY_OUT}"]
+        validate_outputs += [f"--mypy_out={PY_OUT}"]
     # buf/validate/validate_pb2 from the lifted descriptor alone.
-    protoc_main_validate = [
-        f"--descriptor_set_in={VALIDATE_SET}",
-        f"--python_out={PY_OUT}",
-        f"--mypy_out={PY_OUT}",
-        "buf/validate/validate.proto",
-    ]
-    if protoc.main(["protoc", *protoc_main_validate]) != 0:
+    validate_argv = [f"--descriptor_set_in={VALIDATE_SET}", *validate_outputs]
+    if protoc.main(["protoc", *validate_argv, "buf/validate/validate.proto"]) != 0:
         sys.exit("protoc failed on buf/validate/validate.proto")
     run_protoc([f"--descriptor_set_in={VALIDATE_SET}", *outputs, *sources])
     run_protoc(

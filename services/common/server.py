@@ -25,6 +25,11 @@ from services.common.tracing import server_interceptor, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
+# A health service name that is SERVING from start until stop whatever the dependencies say:
+# for liveness probes, so a dependency outage takes pods out of rotation (readiness, the
+# overall "" status) without also restarting them.
+LIVENESS_SERVICE = "liveness"
+
 # Images arrive inline (up to 5 MiB, plus the rest of the request).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 SERVER_OPTIONS: list[tuple[str, int]] = [
@@ -110,6 +115,7 @@ class GrpcService:
             raise RuntimeError(f"{self.name}: cannot listen on {address}")
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, addr=self.settings.metrics_host)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.refresh_health()
         await self.server.start()
         self._probe_task = asyncio.create_task(self._probe_forever(), name="health-probe")

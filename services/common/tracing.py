@@ -1,6 +1,7 @@
 """OpenTelemetry tracing: one TracerProvider per process, W3C trace context, OTLP export when
-OTEL_EXPORTER_OTLP_ENDPOINT is set, and instrumentation of every hop we make: the grpc.aio
-server and clients, asyncpg, redis, and httpx (the transport under the openai SDK)."""
+OTEL_EXPORTER_OTLP_ENDPOINT is set, and instrumentation of the hops the libraries make: the
+grpc.aio server and clients, asyncpg and redis. (The openai SDK runs on httpx2, which no
+instrumentation covers; the generation service spans and propagates that call itself.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from opentelemetry.instrumentation.grpc import (
     GrpcAioInstrumentorClient,
     aio_server_interceptor,
 )
-from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -36,7 +36,6 @@ def configure_tracing(service: str, otlp_endpoint: str) -> TracerProvider:
     GrpcAioInstrumentorClient().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
     AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
     RedisInstrumentor().instrument(tracer_provider=provider)
-    HTTPXClientInstrumentor().instrument(tracer_provider=provider)
     _provider = provider
     return provider
 

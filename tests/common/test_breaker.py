@@ -53,7 +53,7 @@ def test_half_open_after_the_timeout_then_closes_after_three_successes() -> None
     breaker.record_success()
     assert breaker.state is BreakerState.HALF_OPEN
     breaker.record_success()
-    assert breaker.state is BreakerState.CLOSED
+    assert breaker.snapshot().state is BreakerState.CLOSED
 
 
 def test_a_half_open_failure_reopens() -> None:

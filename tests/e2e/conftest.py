@@ -64,7 +64,9 @@ class SpanCollector(trace_service_pb2_grpc.TraceServiceServicer):
 def span_collector() -> Iterator[tuple[SpanCollector, str]]:
     collector = SpanCollector()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        collector, server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield collector, f"http://127.0.0.1:{port}"

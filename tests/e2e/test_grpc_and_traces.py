@@ -72,7 +72,7 @@ async def test_bad_grpc_input_is_invalid_argument_with_field(mesh: RunningMesh) 
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.SubmitFeedback(telemetry_pb2.SubmitFeedbackRequest(rating=7))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    err = error_info_from_call(caught.value.trailing_metadata() or ())
+    err = error_info_from_call(tuple(caught.value.trailing_metadata() or ()))  # type: ignore[arg-type]
     assert err is not None
     assert err.reason is Reason.INVALID_ARGUMENT
     assert [v.field for v in err.violations] == ["rating"]

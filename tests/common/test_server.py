@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.server import LIVENESS_SERVICE, Dependency, GrpcService
+from services.common.settings import ServiceSettings
+
+
+async def _check(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+        return int(reply.status)
+
+
+async def test_health_follows_required_dependencies_but_liveness_does_not() -> None:
+    up = {"db": True}
+
+    async def db_check() -> None:
+        if not up["db"]:
+            raise ConnectionError("down")
+
+    svc = GrpcService(
+        "t",
+        ServiceSettings(grpc_port=0, shutdown_grace_seconds=0.5),
+        ["t.v1.T"],
+        register=lambda server: None,
+        dependencies=[Dependency("db", db_check), Dependency("cache", db_check, required=False)],
+    )
+    port = await svc.start()
+    try:
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        assert await _check(port, "") == serving
+        assert await _check(port, "t.v1.T") == serving
+        up["db"] = False
+        statuses = await svc.refresh_health()
+        assert {s.name: s.ok for s in statuses} == {"db": False, "cache": False}
+        assert await _check(port, "") == not_serving
+        assert await _check(port, "t.v1.T") == not_serving
+        assert await _check(port, LIVENESS_SERVICE) == serving
+        up["db"] = True
+        await svc.refresh_health()
+        assert await _check(port, "") == serving
+    finally:
+        await svc.stop()
+
+
+async def test_stop_drains_then_refuses() -> None:
+    svc = GrpcService(
+        "t", ServiceSettings(grpc_port=0, shutdown_grace_seconds=0.5), [], lambda s: None
+    )
+    port = await svc.start()
+    await svc.stop()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await asyncio.wait_for(_check(port, ""), 5)
