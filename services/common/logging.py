@@ -32,5 +32,5 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Per-request chatter from libraries drowns the service's own lines.
-    for noisy in ("httpx", "httpcore", "openai", "asyncio"):
+    for noisy in ("httpx", "httpx2", "httpcore", "openai", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
