@@ -4,9 +4,11 @@ exceptions behind INTERNAL (logged with the trace id), and records per-RPC metri
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -62,6 +64,34 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: ServiceError)
     await context.abort(status.code, status.details, err.trailing_metadata())
 
 
+@asynccontextmanager
+async def _guarded(
+    context: grpc.aio.ServicerContext[Any, Any], full_method: str
+) -> AsyncIterator[None]:
+    """Map what the handler raises to a status, and count the RPC by its outcome."""
+    service, _, method = full_method.lstrip("/").partition("/")
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except ServiceError as err:
+        code = err.code
+        await _abort(context, err)
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED  # the client went away or its deadline passed
+        raise
+    except Exception as exc:
+        code = _code_of(exc, context)
+        if code is grpc.StatusCode.UNKNOWN:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unhandled error in %s", full_method)
+            await _abort(context, _internal())
+        raise
+    finally:
+        RPC_HANDLED.labels(service, method, code.name).inc()
+        RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def intercept_service(
         self,
@@ -71,33 +101,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
-
-        def finish(started: float, code: grpc.StatusCode) -> None:
-            RPC_HANDLED.labels(service, method, code.name).inc()
-            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+        full_method = handler_call_details.method
 
         if handler.unary_unary is not None:
             inner_unary: Any = handler.unary_unary
 
             async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
+                async with _guarded(context, full_method):
                     validate_request(request)
                     return await inner_unary(request, context)
-                except ServiceError as err:
-                    code = err.code
-                    await _abort(context, err)
-                except Exception as exc:
-                    code = _code_of(exc, context)
-                    if code is grpc.StatusCode.UNKNOWN:
-                        code = grpc.StatusCode.INTERNAL
-                        log.exception("unhandled error in %s", handler_call_details.method)
-                        await _abort(context, _internal())
-                    raise
-                finally:
-                    finish(started, code)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -111,24 +123,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def stream(
                 request: Message, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
+                async with _guarded(context, full_method):
                     validate_request(request)
                     async for response in inner_stream(request, context):
                         yield response
-                except ServiceError as err:
-                    code = err.code
-                    await _abort(context, err)
-                except Exception as exc:
-                    code = _code_of(exc, context)
-                    if code is grpc.StatusCode.UNKNOWN:
-                        code = grpc.StatusCode.INTERNAL
-                        log.exception("unhandled error in %s", handler_call_details.method)
-                        await _abort(context, _internal())
-                    raise
-                finally:
-                    finish(started, code)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -9,19 +9,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+from pydantic import ValidationError
 
 from services.common.interceptors import ServiceInterceptor
+from services.common.logging import configure_logging
 from services.common.settings import ServiceSettings
-from services.common.tracing import server_interceptor, shutdown_tracing
+from services.common.tracing import configure_tracing, server_interceptor, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +191,25 @@ class GrpcService:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def run_service(
+    name: str, settings_type: type[S], create_service: Callable[[S], Awaitable[GrpcService]]
+) -> None:
+    """Every service's `__main__`: read settings (a bad value is a clear message, not a
+    traceback), set up logs and traces, serve until SIGTERM/SIGINT, then stop gracefully."""
+    try:
+        settings = settings_type()
+    except ValidationError as err:
+        sys.exit(f"{name}: invalid settings\n{err}")
+    configure_logging(name, settings.log_level)
+    configure_tracing(name, settings.otel_exporter_otlp_endpoint)
+
+    async def main() -> None:
+        service = await create_service(settings)
+        await service.serve_until_signalled()
+
+    asyncio.run(main())

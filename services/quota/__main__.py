@@ -1,22 +1,8 @@
-"""`python -m services.quota`: run the quota service until SIGTERM/SIGINT."""
+"""`python -m services.quota`: serve until SIGTERM/SIGINT, then stop gracefully."""
 
-from __future__ import annotations
-
-import asyncio
-
-from services.common.logging import configure_logging
-from services.common.tracing import configure_tracing
+from services.common.server import run_service
 from services.quota.app import create_service
 from services.quota.settings import QuotaSettings
 
-
-async def main() -> None:
-    settings = QuotaSettings()
-    configure_logging("quota", settings.log_level)
-    configure_tracing("quota", settings.otel_exporter_otlp_endpoint)
-    service = await create_service(settings)
-    await service.serve_until_signalled()
-
-
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_service("quota", QuotaSettings, create_service)

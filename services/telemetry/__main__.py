@@ -1,22 +1,8 @@
-"""python -m services.telemetry"""
+"""`python -m services.telemetry`: serve until SIGTERM/SIGINT, then stop gracefully."""
 
-from __future__ import annotations
-
-import asyncio
-
-from services.common.logging import configure_logging
-from services.common.tracing import configure_tracing
+from services.common.server import run_service
 from services.telemetry.app import create_service
 from services.telemetry.settings import TelemetrySettings
 
-
-async def main() -> None:
-    settings = TelemetrySettings()
-    configure_logging("telemetry", settings.log_level)
-    configure_tracing("telemetry", settings.otel_exporter_otlp_endpoint)
-    service = await create_service(settings)
-    await service.serve_until_signalled()
-
-
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_service("telemetry", TelemetrySettings, create_service)

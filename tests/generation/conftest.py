@@ -26,7 +26,8 @@ from services.generation.app import GenerationService, create_service
 from services.generation.settings import GenerationSettings
 from services.quota.app import create_service as create_quota_service
 from services.quota.settings import QuotaSettings
-from simulator import SimSettings, start
+from simulator import start
+from tests.simulator.support import sim_settings
 
 ADMIN_TOKEN = "test-admin-token"
 GUEST_DAILY_LIMIT = 5
@@ -55,24 +56,6 @@ class Sim:
     async def requests(self) -> int:
         async with self.http.get(f"{self.url}/_sim/stats") as resp:
             return int((await resp.json())["requests"])
-
-
-def sim_settings(**overrides: Any) -> SimSettings:
-    # Explicit values win over SIM_* variables, so the developer's environment can't leak in.
-    base: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "api_key": None,
-        "latency_ms": 0,
-        "stream_chunk_delay_ms": 1,
-        "seed": 1234,
-        "fault_status": 0,
-        "fault_rate": 1.0,
-        "fault_latency_ms": 0,
-        "fault_retry_after": 0,
-        "fault_hang": False,
-    }
-    return SimSettings(**(base | overrides))
 
 
 @asynccontextmanager

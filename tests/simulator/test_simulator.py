@@ -19,26 +19,9 @@ import openai
 import pytest
 
 from simulator import SimSettings, start
+from tests.simulator.support import sim_settings
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def make_settings(**overrides: Any) -> SimSettings:
-    # Explicit values win over SIM_* variables, so the developer's environment can't leak in.
-    base: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "api_key": None,
-        "latency_ms": 0,
-        "stream_chunk_delay_ms": 1,
-        "seed": 1234,
-        "fault_status": 0,
-        "fault_rate": 1.0,
-        "fault_latency_ms": 0,
-        "fault_retry_after": 0,
-        "fault_hang": False,
-    }
-    return SimSettings(**(base | overrides))
 
 
 @dataclass
@@ -82,7 +65,7 @@ async def _running(settings: SimSettings, api_key: str = "test") -> AsyncIterato
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Sim]:
-    async for running in _running(make_settings()):
+    async for running in _running(sim_settings()):
         yield running
 
 
@@ -343,7 +326,7 @@ async def test_hung_request_given_up_by_client_is_dropped(sim: Sim) -> None:
 
 
 async def test_shutdown_releases_hung_requests() -> None:
-    runner, url = await start(make_settings(fault_hang=True))
+    runner, url = await start(sim_settings(fault_hang=True))
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0)
     try:
         try:
@@ -412,7 +395,7 @@ async def test_stats_count_and_reset(sim: Sim) -> None:
 
 
 async def test_api_key_is_enforced_when_set() -> None:
-    async for sim in _running(make_settings(api_key="sekret"), api_key="sekret"):
+    async for sim in _running(sim_settings(api_key="sekret"), api_key="sekret"):
         assert (await sim.ask()).choices
 
         wrong = sim.client.with_options(api_key="wrong")
