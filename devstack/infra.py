@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,11 @@ def postgres(scratch: Path) -> Server:
         return Server("postgres", url, "environment")
     if _local_postgres_answers():
         return Server("postgres", LOCAL_POSTGRES, "local")
+    return private_postgres(scratch)
+
+
+def private_postgres(scratch: Path) -> Server:
+    """A throwaway PostgreSQL server from the installed binaries, in `scratch`."""
     initdb, server_bin = _postgres_bin("initdb"), _postgres_bin("postgres")
     if initdb is None or server_bin is None:
         raise InfraError(
@@ -105,20 +111,27 @@ def postgres(scratch: Path) -> Server:
             "set DATABASE_URL, start a local server, or install it "
             "(Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql)"
         )
-    workdir = scratch / "postgres"
-    workdir.mkdir(parents=True, exist_ok=True)
-    # PostgreSQL refuses to run as root; run it as the postgres user then.
     as_user: list[str] = []
     if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root: run it as the postgres user, in a folder of its
+        # own (it may not be able to reach into root's scratch folders).
         as_user = ["runuser", "-u", "postgres", "--"]
+        workdir = Path(tempfile.mkdtemp(prefix="genmesh-postgres-"))
         shutil.chown(workdir, "postgres")
+    else:
+        workdir = scratch / "postgres"
+        workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
-    subprocess.run(
+    init = subprocess.run(
         [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        check=True,
+        check=False,
         capture_output=True,
+        text=True,
         timeout=120,
     )
+    if init.returncode != 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise InfraError(f"initdb failed: {init.stderr.strip() or init.stdout.strip()}")
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -157,6 +170,11 @@ def redis(scratch: Path) -> Server | None:
         return Server("redis", url, "environment") if url else None
     if port_open("127.0.0.1", 6379):
         return Server("redis", LOCAL_REDIS, "local")
+    return private_redis(scratch)
+
+
+def private_redis(scratch: Path) -> Server | None:
+    """A throwaway Redis server from the installed binary, or None when there is none."""
     binary = shutil.which("redis-server")
     if binary is None:
         return None
