@@ -48,13 +48,16 @@ class SpanCollector(trace_service_pb2_grpc.TraceServiceServicer):
                         self.spans.append((service, span.trace_id.hex(), span.name))
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def wait_for(self, trace_id: str, services: set[str], timeout: float = 20) -> set[str]:
+    def wait_for_spans(
+        self, trace_id: str, wanted: set[tuple[str, str]], timeout: float = 20
+    ) -> set[tuple[str, str]]:
+        """(service, span name) pairs of the trace, once `wanted` are all in or at timeout."""
         deadline = time.monotonic() + timeout
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         while time.monotonic() < deadline:
             with self.lock:
-                seen = {s for s, t, _ in self.spans if t == trace_id}
-            if services <= seen:
+                seen = {(s, n) for s, t, n in self.spans if t == trace_id}
+            if wanted <= seen:
                 break
             time.sleep(0.2)
         return seen

@@ -15,7 +15,7 @@ from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
 from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.errors import Reason, error_info_from_call
-from tests.e2e.conftest import RunningMesh
+from tests.e2e.conftest import RunningMesh, token_for
 
 pytestmark = pytest.mark.e2e
 
@@ -90,15 +90,32 @@ async def test_internal_rpcs_are_not_reachable_through_the_gateway(mesh: Running
     assert caught.value.code() != grpc.StatusCode.OK
 
 
-def test_one_trace_spans_the_gateway_facing_service_and_quota(mesh: RunningMesh) -> None:
+def test_one_trace_runs_from_the_request_to_postgres_redis_and_the_model(
+    mesh: RunningMesh,
+) -> None:
     trace_id = secrets.token_hex(16)
     traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
     r = httpx.post(
         f"{mesh.url}/api/generate",
         json={"text": f"trace me {uuid.uuid4()}"},
-        headers={"traceparent": traceparent},
+        # A signed-in user, so quota's reservation goes to PostgreSQL.
+        headers={"traceparent": traceparent, "authorization": f"Bearer {token_for('tracer')}"},
         timeout=30,
     )
     assert r.status_code == 200, r.text
-    seen = mesh.collector.wait_for(trace_id, {"generation", "quota"})
-    assert {"generation", "quota"} <= seen, seen
+    spans = mesh.collector.wait_for_spans(
+        trace_id,
+        {
+            ("generation", "/genmesh.generation.v1.GenerationService/Generate"),
+            ("quota", "/genmesh.quota.v1.QuotaService/ReserveQuota"),
+            ("quota", "INSERT"),  # the reservation row, through asyncpg
+            ("generation", "GET"),  # the response cache lookup, through redis
+            ("generation", "openai.chat.completions"),
+        },
+    )
+    # The gateway-facing service and quota share the trace the client started ...
+    assert {"generation", "quota"} <= {service for service, _ in spans}, spans
+    # ... down to PostgreSQL, Redis and the model.
+    assert ("quota", "INSERT") in spans, spans
+    assert ("generation", "GET") in spans, spans
+    assert ("generation", "openai.chat.completions") in spans, spans
