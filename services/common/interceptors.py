@@ -50,7 +50,9 @@ def field_path(violation: Any) -> str:
     return proto.rule_id.split(".", 1)[0] if proto.rule_id else ""
 
 
-def validate_request(request: Message) -> None:
+def validate_request(request: object) -> None:
+    if not isinstance(request, Message):
+        return  # a raw-bytes handler: nothing declares rules for it
     try:
         protovalidate.validate(request)
     except protovalidate.ValidationError as err:

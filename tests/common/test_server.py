@@ -61,3 +61,33 @@ async def test_stop_drains_then_refuses() -> None:
     await svc.stop()
     with pytest.raises(grpc.aio.AioRpcError):
         await asyncio.wait_for(_check(port, ""), 5)
+
+
+async def test_sigterm_style_stop_lets_in_flight_rpcs_finish() -> None:
+    """NOT_SERVING, then drain: an RPC already running completes within the grace period."""
+    release = asyncio.Event()
+
+    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+        await release.wait()
+        return b"done"
+
+    def register(server: grpc.aio.Server) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            "t.v1.Slow", {"Wait": grpc.unary_unary_rpc_method_handler(slow)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+
+    svc = GrpcService("t", ServiceSettings(grpc_port=0, shutdown_grace_seconds=5), [], register)
+    port = await svc.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait = channel.unary_unary(
+            "/t.v1.Slow/Wait", request_serializer=None, response_deserializer=None
+        )
+        call = wait(b"", timeout=10)
+        await asyncio.sleep(0.2)  # the RPC is in flight
+        stopping = asyncio.create_task(svc.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # draining, not cut off
+        release.set()
+        assert await call == b"done"
+        await asyncio.wait_for(stopping, 5)
