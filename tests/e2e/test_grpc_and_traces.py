@@ -10,6 +10,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
 from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
@@ -119,3 +120,15 @@ def test_one_trace_runs_from_the_request_to_postgres_redis_and_the_model(
     assert ("quota", "INSERT") in spans, spans
     assert ("generation", "GET") in spans, spans
     assert ("generation", "openai.chat.completions") in spans, spans
+
+
+async def test_reflection_lists_each_services_contract(mesh: RunningMesh) -> None:
+    """What `grpcurl -plaintext <addr> list` shows (README)."""
+    for service, addr in addresses(mesh).items():
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            async for reply in stub.ServerReflectionInfo(iter([request])):
+                names = {s.name for s in reply.list_services_response.service}
+                break
+        assert {service, "grpc.health.v1.Health"} <= names, names
