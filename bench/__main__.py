@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import httpx
 
 from devstack import infra
@@ -120,26 +119,19 @@ async def prepare_database(server_url: str, name: str) -> str:
     return url
 
 
-async def drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(infra.with_database(server_url, "postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="genmesh-bench-"))
     pg = infra.postgres(scratch)
     rd = infra.redis(scratch)
     db_name = f"genmesh_bench_{uuid.uuid4().hex[:8]}"
+    key_prefix = f"genmesh-bench-{uuid.uuid4().hex[:8]}:"
     mesh: Mesh | None = None
     try:
         database_url = asyncio.run(prepare_database(pg.url, db_name))
         config = MeshConfig(
             database_url=database_url,
             redis_url=rd.url if rd else "",
-            redis_key_prefix=f"genmesh-bench-{uuid.uuid4().hex[:8]}:",
+            redis_key_prefix=key_prefix,
             generation_addr=f"127.0.0.1:{infra.free_port()}",
             quota_addr=f"127.0.0.1:{infra.free_port()}",
             telemetry_addr=f"127.0.0.1:{infra.free_port()}",
@@ -179,8 +171,9 @@ def main() -> int:
     finally:
         if mesh is not None:
             mesh.stop()
-        asyncio.run(drop_database(pg.url, db_name))
+        asyncio.run(infra.drop_database(pg.url, db_name))
         if rd is not None:
+            asyncio.run(infra.delete_keys(rd.url, key_prefix))
             rd.stop()
         pg.stop()
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
+from redis.asyncio import Redis
+
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -206,3 +209,24 @@ def private_redis(scratch: Path) -> Server | None:
 def with_database(server_url: str, database: str) -> str:
     """The same server, another database."""
     return urlunsplit(urlsplit(server_url)._replace(path=f"/{database}"))
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop a scratch database (tests, benchmarks), closing its connections first."""
+    conn = await asyncpg.connect(with_database(server_url, "postgres"))
+    try:
+        quoted = await conn.fetchval("SELECT quote_ident($1)", name)
+        await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+async def delete_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under a scratch prefix (tests, benchmarks); never FLUSHDB."""
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

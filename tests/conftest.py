@@ -9,7 +9,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis
 
 from devstack import infra
 from services.common.migrations import create_database_if_missing, migrate
@@ -45,11 +44,7 @@ async def database_url(postgres_server: infra.Server) -> AsyncIterator[str]:
     await create_database_if_missing(url)
     await migrate(url)
     yield url
-    admin = await asyncpg.connect(infra.with_database(postgres_server.url, "postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await infra.drop_database(postgres_server.url, name)
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +59,7 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """This run's key prefix; every key under it is deleted at the end."""
     prefix = f"genmesh-test-{RUN_ID}:"
     yield prefix
-    client = Redis.from_url(redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await infra.delete_keys(redis_url, prefix)
 
 
 @pytest.fixture

@@ -67,5 +67,5 @@ async def test_a_failing_migration_leaves_nothing_half_applied(
         assert versions == ["0001"]
         assert b_exists is False
     finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+        await infra.drop_database(postgres_server.url, name)
