@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -231,27 +230,16 @@ class Mesh:
             }
         )
         config_path = c.log_dir.parent / f"envoy-{c.gateway_port}.yaml"
-        render = subprocess.run(
-            [sys.executable, "-m", "services.gateway.render", "--out", str(config_path)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if render.returncode != 0:
-            raise InfraError(f"rendering the Envoy config failed:\n{render.stderr}")
-        envoy = str(Path(sys.executable).parent / "envoy")
+        # As in the container: render the config from the environment, then become Envoy.
         child = self._spawn(
             "envoy",
             [
-                envoy,
-                "-c",
+                sys.executable,
+                "-m",
+                "services.gateway.render",
+                "--out",
                 str(config_path),
-                "--base-id",
-                str(random.randint(1000, 10_000_000)),  # noqa: S311 - shared-memory id, not a secret
-                "--log-level",
-                "warning",
+                "--exec",
             ],
             env,
         )

@@ -90,6 +90,9 @@ class GatewaySettings(BaseSettings):
     hsts: bool = Field(default=False, alias="GATEWAY_HSTS")
     # Cap on open downstream connections across the listener.
     max_connections: int = Field(default=10000, ge=1, alias="GATEWAY_MAX_CONNECTIONS")
+    # Envoy worker threads (`--exec` only). 0 = Envoy's default, one per CPU of the machine,
+    # which in a container means the node's CPUs, not the pod's limit: set it there.
+    concurrency: int = Field(default=0, ge=0, le=256, alias="GATEWAY_CONCURRENCY")
     # Envoy's own log level (`--exec` only; access logs always go to stdout).
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = Field(
         default="info", alias="GATEWAY_LOG_LEVEL"
@@ -196,6 +199,7 @@ def envoy_command(settings: GatewaySettings, config_path: Path) -> list[str]:
         '{"time":"%Y-%m-%dT%T.%e%z","level":"%l","logger":"envoy.%n","message":"%j"}',
         # No hot restart: no shared memory, so several Envoys (tests, local runs) never collide.
         "--disable-hot-restart",
+        *(["--concurrency", str(settings.concurrency)] if settings.concurrency else []),
     ]
 
 

@@ -291,6 +291,13 @@ def test_environment_overrides_every_setting(clean_env: pytest.MonkeyPatch) -> N
     ]
 
 
+def test_worker_threads_follow_the_setting(clean_env: pytest.MonkeyPatch) -> None:
+    assert "--concurrency" not in envoy_command(GatewaySettings(), Path("/x.yaml"))
+    clean_env.setenv("GATEWAY_CONCURRENCY", "2")
+    command = envoy_command(GatewaySettings(), Path("/x.yaml"))
+    assert command[command.index("--concurrency") + 1] == "2"
+
+
 def test_without_a_secret_the_key_is_random_and_unknown(clean_env: pytest.MonkeyPatch) -> None:
     first = jwks_key(load(render(GatewaySettings())))
     second = jwks_key(load(render(GatewaySettings())))
