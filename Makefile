@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
-PROTOS := $(shell find protos -name '*.proto')
+PROTOS := $(shell find protos third_party -name '*.proto')
 STUBS  := gen/genmesh.pb
 PYTEST_ARGS ?=
 

