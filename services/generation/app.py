@@ -3,7 +3,6 @@ health dependencies and the shutdown sequence. Nothing runs until `start()`."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -12,12 +11,14 @@ import grpc
 import openai
 
 from genmesh.generation.v1 import generation_pb2_grpc
+from services.common.admin_auth import AdminGuard
+from services.common.background import BackgroundTasks
 from services.common.breaker import CircuitBreaker
+from services.common.channels import internal_channel
 from services.common.perf import PerformanceMonitor
 from services.common.redis import ResilientRedis
+from services.common.security_events import TelemetrySecurityEvents
 from services.common.server import Dependency, GrpcService
-from services.generation.admin_auth import AdminGuard
-from services.generation.background import BackgroundTasks
 from services.generation.cache import (
     MemoryResponseCache,
     RedisResponseCache,
@@ -26,7 +27,6 @@ from services.generation.cache import (
 from services.generation.inflight import InFlightLimiter
 from services.generation.pipeline import GenerationPipeline, PipelineConfig
 from services.generation.quota_client import QuotaClient
-from services.generation.security_events import TelemetrySecurityEvents
 from services.generation.servicer import GenerationAdminServicer, GenerationServicer
 from services.generation.settings import PLACEHOLDER_API_KEY, GenerationSettings
 from services.generation.stats_publisher import StatsPublisher, default_replica_id
@@ -39,17 +39,6 @@ SERVICE_NAMES = (
     "genmesh.generation.v1.GenerationAdminService",
 )
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
-# Long-lived channels to quota and telemetry: keepalive pings find a dead peer (e.g. a pod
-# gone without a FIN) in ~40 s instead of at the next call's deadline; the mesh's servers
-# accept pings every 10 s. round_robin spreads calls over every address the name resolves
-# to (a headless Kubernetes Service); with one address it changes nothing.
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-]
 # How long stop() waits for in-flight settlements and security events.
 BACKGROUND_DRAIN_SECONDS = 5.0
 SECURITY_EVENT_TIMEOUT_SECONDS = 2.0
@@ -124,8 +113,8 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
     limiter = InFlightLimiter(settings.gen_max_inflight)
     background = BackgroundTasks()
 
-    quota_channel = grpc.aio.insecure_channel(settings.quota_addr, options=CHANNEL_OPTIONS)
-    telemetry_channel = grpc.aio.insecure_channel(settings.telemetry_addr, options=CHANNEL_OPTIONS)
+    quota_channel = internal_channel(settings.quota_addr)
+    telemetry_channel = internal_channel(settings.telemetry_addr)
     quota = QuotaClient(quota_channel, settings.quota_timeout_seconds, perf)
     security_events = TelemetrySecurityEvents(
         telemetry_channel, SECURITY_EVENT_TIMEOUT_SECONDS, background

@@ -21,11 +21,12 @@ import grpc
 from prometheus_client import Counter
 
 from genmesh.quota.v1 import quota_pb2
+from services.common.background import BackgroundTasks
 from services.common.breaker import CircuitBreaker
 from services.common.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from services.common.identity import Identity
+from services.common.security_events import SEVERITY_LOW, SecurityEventSink
 from services.generation.answer import Answer
-from services.generation.background import BackgroundTasks
 from services.generation.cache import (
     ResilientResponseCache,
     cache_key,
@@ -35,7 +36,6 @@ from services.generation.cache import (
 from services.generation.images import check_image, sniff_image_type
 from services.generation.inflight import InFlightLimiter
 from services.generation.quota_client import QuotaReserver, Reservation
-from services.generation.security_events import SEVERITY_LOW, SecurityEventSink
 from services.generation.settings import GenerationSettings
 from services.generation.upstream import (
     ImageInput,

@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 
 from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
+from services.common.admin_auth import AdminGuard
 from services.common.identity import Identity, identity_from_metadata
 from services.common.perf import PerformanceMonitor
-from services.generation.admin_auth import AdminGuard
 from services.generation.cache import ResilientResponseCache
 from services.generation.pipeline import (
     Delta,

@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from genmesh.quota.v1 import quota_pb2
+from services.common.background import BackgroundTasks
 from services.common.breaker import CircuitBreaker
 from services.common.errors import Reason, ServiceError
 from services.common.identity import Identity
 from services.generation.answer import Answer, Usage
-from services.generation.background import BackgroundTasks
 from services.generation.cache import MemoryResponseCache, ResilientResponseCache
 from services.generation.inflight import InFlightLimiter
 from services.generation.pipeline import (

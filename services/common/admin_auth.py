@@ -12,7 +12,7 @@ import grpc
 from genmesh.telemetry.v1.telemetry_pb2 import Severity
 from services.common.errors import Reason, ServiceError
 from services.common.identity import ADMIN_TOKEN_HEADER, Identity, metadata_value
-from services.generation.security_events import (
+from services.common.security_events import (
     SEVERITY_HIGH,
     SEVERITY_MEDIUM,
     SecurityEventSink,

@@ -1,6 +1,8 @@
-"""Security events for the telemetry service (admin credential failures, images whose bytes
-contradict their declared type). Best effort: sent in the background with a deadline, never
-delaying or failing the request that observed them; dropped when too many are pending."""
+"""Security events, reported to the telemetry service's RecordSecurityEvent RPC by any service
+that observes one (admin credential failures, images whose bytes contradict their declared
+type, rate-limit bursts and blocks). Shared because every service reports through the same
+contract. Best effort: sent in the background with a deadline, never delaying or failing the
+request that observed them; dropped when too many are pending."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import grpc
 from google.protobuf import struct_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.background import BackgroundTasks
 from services.common.identity import Identity
-from services.generation.background import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
