@@ -82,7 +82,13 @@ async def probe(dep: Dependency, timeout: float = 2.0) -> DependencyStatus:
 
 
 class GrpcService:
-    """Owns one grpc.aio server and its lifecycle."""
+    """Owns one grpc.aio server and its lifecycle.
+
+    `on_start` hooks run in order once the server is listening (background work such as
+    periodic jobs; each should return promptly, starting a task rather than running the job).
+    If one raises, the service is stopped (the `on_stop` hooks run) and `start` raises.
+    `on_stop` hooks run in order after the server has drained; one that raises is logged and
+    the others still run, so stop a background job before closing the clients it uses."""
 
     def __init__(
         self,
@@ -92,12 +98,14 @@ class GrpcService:
         register: Callable[[grpc.aio.Server], None],
         dependencies: Sequence[Dependency] = (),
         on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+        on_start: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         self.name = name
         self.settings = settings
         self.service_names = list(service_names)
         self.dependencies = list(dependencies)
         self.on_stop = list(on_stop)
+        self.on_start = list(on_start)
         self.health = AsyncHealthServicer()
         self.server = grpc.aio.server(
             interceptors=[server_interceptor(), ServiceInterceptor()], options=SERVER_OPTIONS
@@ -123,6 +131,13 @@ class GrpcService:
         await self.refresh_health()
         await self.server.start()
         self._probe_task = asyncio.create_task(self._probe_forever(), name="health-probe")
+        try:
+            for hook in self.on_start:
+                await hook()
+        except Exception:
+            log.exception("%s: a start hook failed; stopping", self.name)
+            await self.stop()
+            raise
         log.info(
             "%s listening on %s:%d",
             self.name,

@@ -1,4 +1,5 @@
-"""Wires the quota service together: settings -> stores -> ledger -> servicer -> server."""
+"""Wires the quota service together: settings -> stores -> ledger -> servicer -> server, and
+the reservation sweeper that runs beside the server."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from services.quota.guest_store import (
     RedisGuestQuotaStore,
 )
 from services.quota.ledger import QuotaLedger
+from services.quota.network import ClientNetworks
 from services.quota.plans import QuotaLimits
 from services.quota.profile_cache import ProfileCache
 from services.quota.profile_store import ProfileStore
+from services.quota.reservation_sweeper import ReservationSweeper
 from services.quota.servicer import QuotaServicer
 from services.quota.settings import QuotaSettings
 
@@ -41,9 +44,29 @@ def build_ledger(
     return QuotaLedger(
         clock=clock,
         limits=limits,
-        guests=FallbackGuestQuotaStore(RedisGuestQuotaStore(redis), MemoryGuestQuotaStore()),
+        guests=FallbackGuestQuotaStore(
+            RedisGuestQuotaStore(redis, settings.quota_reservation_ttl_seconds),
+            MemoryGuestQuotaStore(settings.quota_reservation_ttl_seconds),
+        ),
         profiles=ProfileStore(db, clock, limits, perf),
         cache=ProfileCache(redis, settings.profile_cache_ttl_seconds),
+        networks=client_networks(settings),
+    )
+
+
+def client_networks(settings: QuotaSettings) -> ClientNetworks:
+    return ClientNetworks(settings.client_ipv4_prefix_length, settings.client_ipv6_prefix_length)
+
+
+def build_sweeper(
+    settings: QuotaSettings, profiles: ProfileStore, cache: ProfileCache | None = None
+) -> ReservationSweeper:
+    return ReservationSweeper(
+        profiles,
+        ttl_seconds=settings.quota_reservation_ttl_seconds,
+        retention_seconds=settings.quota_settled_retention_seconds,
+        interval_seconds=settings.quota_sweep_interval_seconds,
+        cache=cache,
     )
 
 
@@ -55,6 +78,7 @@ async def create_service(
     db = Database(settings, perf)
     redis = ResilientRedis(settings, perf)
     ledger = build_ledger(settings, db, redis, perf, clock)
+    sweeper = build_sweeper(settings, ledger.profiles, ledger.cache)
 
     def register(server: grpc.aio.Server) -> None:
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(ledger), server)
@@ -69,5 +93,7 @@ async def create_service(
             Dependency("postgres", db.ping, required=True),
             Dependency("redis", redis.ping, required=False),
         ],
-        on_stop=[db.close, redis.close],
+        on_start=[sweeper.start],
+        # The sweeper first: it uses the database and Redis.
+        on_stop=[sweeper.stop, db.close, redis.close],
     )

@@ -4,7 +4,6 @@ and committed or refunded after it."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 import grpc
@@ -12,14 +11,16 @@ import grpc
 from services.common.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from services.common.identity import Identity
 from services.quota.clock import QuotaClock, QuotaWindow
-from services.quota.guest_store import GuestQuotaStore
+from services.quota.guest_store import GuestQuotaStore, guest_tag
+from services.quota.network import ClientNetworks
 from services.quota.plans import Plan, QuotaLimits, QuotaStatus, quota_exhausted, user_plan
 from services.quota.profile_cache import ProfileCache
 from services.quota.profile_store import ProfileRecord, ProfileStore
 from services.quota.reservations import (
     ReservationKind,
     Settlement,
-    new_reservation_id,
+    new_guest_reservation,
+    new_user_reservation,
     parse_reservation_id,
 )
 
@@ -44,18 +45,6 @@ class Settled:
     quota: QuotaStatus | None
 
 
-def normalize_ip(ip: str) -> str:
-    """One spelling per address, so `::FFFF:1.2.3.4`, `::ffff:1.2.3.4` and `1.2.3.4` share a
-    counter. Anything unparsable is kept as given (still a stable key)."""
-    try:
-        address = ipaddress.ip_address(ip.strip())
-    except ValueError:
-        return ip.strip().lower()
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
-
-
 def unauthenticated() -> ServiceError:
     return ServiceError(
         grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED, "sign in to see your profile"
@@ -70,22 +59,24 @@ class QuotaLedger:
         guests: GuestQuotaStore,
         profiles: ProfileStore,
         cache: ProfileCache,
+        networks: ClientNetworks,
     ) -> None:
         self.clock = clock
         self.limits = limits
         self.guests = guests
         self.profiles = profiles
         self.cache = cache
+        self.networks = networks
 
     # -- reads ---------------------------------------------------------------------------------
 
     async def quota(self, caller: Identity) -> QuotaStatus:
-        """The caller's quota for today (a guest's by client IP)."""
+        """The caller's quota for today (a guest's by client network)."""
         window = self.clock.window()
         if caller.user_id:
             return self._user_status(await self._profile(caller, window), window)
-        ip = self._guest_ip(caller)
-        return self._guest_status(await self.guests.used(ip, window), window)
+        network = self._guest_network(caller)
+        return self._guest_status(await self.guests.used(network, window), window)
 
     async def profile(self, caller: Identity) -> ProfileView:
         """The signed-in caller's profile, created on first sight. Guests have none."""
@@ -101,7 +92,7 @@ class QuotaLedger:
         """Take one unit for a generation, or fail with QUOTA_EXHAUSTED until the reset."""
         window = self.clock.window()
         if caller.user_id:
-            reservation = new_reservation_id(ReservationKind.USER)
+            reservation = new_user_reservation()
             try:
                 result = await self.profiles.reserve(
                     caller.user_id, caller.email, window, reservation.uuid
@@ -112,9 +103,9 @@ class QuotaLedger:
             status = self._user_status(result.profile, window)
             reserved = result.reserved
         else:
-            ip = self._guest_ip(caller)
-            reservation = new_reservation_id(ReservationKind.GUEST)
-            outcome = await self.guests.reserve(ip, window, self.limits.guest, reservation.uuid)
+            network = self._guest_network(caller)
+            reservation = new_guest_reservation(guest_tag(network, window.day))
+            outcome = await self.guests.reserve(network, window, self.limits.guest, reservation)
             status = self._guest_status(outcome.used, window)
             reserved = outcome.reserved
         if not reserved:
@@ -138,13 +129,13 @@ class QuotaLedger:
                 return Settled(applied=False, quota=None)
             await self.cache.invalidate(user.profile.user_id)
             return Settled(user.applied, self._user_status(user.profile, window))
-        guest = await self.guests.settle(reservation.uuid, settlement, window.now)
+        guest = await self.guests.settle(reservation, settlement)
         if guest is None:
             return Settled(applied=False, quota=None)
         used = guest.used
         if guest.day != window.day:
             # Settled on a later day than it was made: report today's count instead.
-            used = await self.guests.used(guest.ip, window)
+            used = await self.guests.used(guest.network, window)
         return Settled(guest.applied, self._guest_status(used, window))
 
     # -- helpers -------------------------------------------------------------------------------
@@ -163,13 +154,15 @@ class QuotaLedger:
         await self.cache.invalidate(caller.user_id)
         return profile
 
-    def _guest_ip(self, caller: Identity) -> str:
-        ip = normalize_ip(caller.client_ip)
-        if not ip:
+    def _guest_network(self, caller: Identity) -> str:
+        network = self.networks.network_of(caller.client_ip)
+        if not network:
             raise invalid_argument(
-                FieldViolation("client_ip", "the client IP is unknown, so no guest quota applies")
+                FieldViolation(
+                    "client_ip", "the client IP is unknown or not an IP, so no guest quota applies"
+                )
             )
-        return ip
+        return network
 
     def _user_status(self, profile: ProfileRecord, window: QuotaWindow) -> QuotaStatus:
         plan = user_plan(profile.is_pro)

@@ -9,6 +9,11 @@ deadlock each other.
 A profile's quota day is the zone-local date of its `last_reset_time`: the first time a user is
 seen on a new day, `daily_used` goes back to 0 and `last_reset_time` to now (the spec's
 `quota.resetProfileIfNeeded`).
+
+A reservation nobody settles (the caller crashed or lost its connection) is expired by the
+reservation sweeper (`stale_reservations`, then `settle(..., Settlement.EXPIRE)`), and settled
+rows are deleted after a retention period (`prune_settled`). Their ages are measured on the
+database clock (`now()`), so replicas with skewed clocks agree on what is stale.
 """
 
 from __future__ import annotations
@@ -48,6 +53,27 @@ _SETTLE_RESERVATION = """
 UPDATE quota_reservations SET state = $2, settled_at = now()
 WHERE reservation_id = $1 AND state = 'reserved' RETURNING user_id, quota_day"""
 _RESERVATION_OWNER = "SELECT user_id FROM quota_reservations WHERE reservation_id = $1"
+# Both use the partial indexes of migrations/0002_reservation_expiry.sql.
+_STALE_RESERVATIONS = """
+SELECT reservation_id FROM quota_reservations
+WHERE state = 'reserved' AND created_at < now() - make_interval(secs => $1)
+ORDER BY created_at LIMIT $2"""
+# SKIP LOCKED: replicas pruning at once take different rows instead of queueing on the same.
+_PRUNE_SETTLED = """
+WITH doomed AS (
+    SELECT reservation_id FROM quota_reservations
+    WHERE state <> 'reserved' AND settled_at < now() - make_interval(secs => $1)
+    ORDER BY settled_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM quota_reservations r USING doomed
+    WHERE r.reservation_id = doomed.reservation_id
+    RETURNING 1
+)
+SELECT count(*) FROM deleted"""
+
+# Settlements that give the unit back (an expiry is a refund nobody asked for).
+_GIVES_UNIT_BACK = frozenset({Settlement.REFUND, Settlement.EXPIRE})
 
 
 @dataclass(frozen=True)
@@ -144,9 +170,12 @@ class ProfileStore:
     async def settle(
         self, reservation: uuid.UUID, settlement: Settlement
     ) -> UserSettleResult | None:
-        """Commit or refund a reservation still `reserved`; None when it is unknown. A refund
-        gives the unit back only while the profile is still on the reservation's quota day
-        (yesterday's refund must not free one of today's units), and never below 0."""
+        """Commit, refund or expire a reservation still `reserved`; None when it is unknown.
+        Only the first settlement applies: the UPDATE is conditional on state 'reserved', so of
+        concurrent settlements (a late refund racing the sweeper's expiry, or two sweepers)
+        exactly one changes anything. A refund or an expiry gives the unit back only while the
+        profile is still on the reservation's quota day (yesterday's refund must not free one
+        of today's units), and never below 0; the row keeps the settlement's state."""
 
         async def settle_in(conn: asyncpg.Connection) -> UserSettleResult | None:
             settled = await conn.fetchrow(_SETTLE_RESERVATION, reservation, settlement.value)
@@ -159,7 +188,7 @@ class ProfileStore:
             user_id: str = settled["user_id"]
             profile = ProfileRecord.from_row(await conn.fetchrow(_SELECT_FOR_UPDATE, user_id))
             if (
-                settlement is Settlement.REFUND
+                settlement in _GIVES_UNIT_BACK
                 and profile.daily_used > 0
                 and self.clock.day_of(profile.last_reset_time) == settled["quota_day"]
             ):
@@ -167,6 +196,27 @@ class ProfileStore:
             return UserSettleResult(applied=True, profile=profile)
 
         return await self.db.transaction("quota_settle", settle_in)
+
+    async def stale_reservations(self, older_than_seconds: float, limit: int) -> list[uuid.UUID]:
+        """Up to `limit` reservations still `reserved` that were made more than
+        `older_than_seconds` ago (by the database clock), oldest first."""
+
+        async def stale_in(conn: asyncpg.Connection) -> list[uuid.UUID]:
+            rows = await conn.fetch(_STALE_RESERVATIONS, float(older_than_seconds), limit)
+            return [row["reservation_id"] for row in rows]
+
+        return await self.db.run("quota_stale_reservations", stale_in)
+
+    async def prune_settled(self, older_than_seconds: float, limit: int) -> int:
+        """Delete up to `limit` settled reservations (any state but `reserved`) settled more
+        than `older_than_seconds` ago (by the database clock), oldest first; returns how many
+        were deleted. Pending reservations are never deleted."""
+
+        async def prune_in(conn: asyncpg.Connection) -> int:
+            deleted: int = await conn.fetchval(_PRUNE_SETTLED, float(older_than_seconds), limit)
+            return deleted
+
+        return await self.db.run("quota_prune_settled", prune_in)
 
     async def _locked_profile(
         self, conn: asyncpg.Connection, user_id: str, email: str, window: QuotaWindow

@@ -16,7 +16,7 @@ class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     # IANA zone whose midnight resets every daily quota, e.g. "Europe/Paris".
     quota_timezone: str = Field(default="UTC", alias="QUOTA_TIMEZONE")
-    # Generations per day for a guest (no sign-in), counted per client IP.
+    # Generations per day for a guest (no sign-in), counted per client network (below).
     guest_daily_limit: int = Field(default=3, alias="GUEST_DAILY_LIMIT", ge=0)
     # Generations per day for a signed-in user without pro.
     free_daily_limit: int = Field(default=10, alias="FREE_DAILY_LIMIT", ge=0)
@@ -25,6 +25,32 @@ class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
     # How long GetQuota/GetProfile may serve a profile from the Redis cache; every reserve or
     # settlement of that user invalidates it at once. 0 turns the cache off.
     profile_cache_ttl_seconds: float = Field(default=60.0, alias="PROFILE_CACHE_TTL_SECONDS", ge=0)
+    # A reservation (guest or user) still unsettled after this long (its caller crashed or
+    # lost its connection) expires and gives its unit back; a settlement arriving later is
+    # ignored. Keep it above the longest generation (the route timeout is 60 s): a
+    # generation outliving it would be free.
+    quota_reservation_ttl_seconds: float = Field(
+        default=300.0, alias="QUOTA_RESERVATION_TTL_SECONDS", gt=0
+    )
+    # How often each replica looks for expired reservations and prunes settled ones.
+    quota_sweep_interval_seconds: float = Field(
+        default=30.0, alias="QUOTA_SWEEP_INTERVAL_SECONDS", gt=0
+    )
+    # How long settled reservations are kept, so a late duplicate settlement is still answered
+    # "already settled" (applied=False with the caller's quota) rather than "unknown".
+    quota_settled_retention_seconds: float = Field(
+        default=86400.0, alias="QUOTA_SETTLED_RETENTION_SECONDS", ge=0
+    )
+
+    # Guests' quotas and per-IP rate limits count client networks of these prefix lengths:
+    # one IPv6 subscriber holds a whole /64, so counting single addresses would let one person
+    # be unlimited guests. IPv4-mapped IPv6 addresses count as IPv4.
+    client_ipv4_prefix_length: int = Field(
+        default=32, alias="CLIENT_IPV4_PREFIX_LENGTH", ge=1, le=32
+    )
+    client_ipv6_prefix_length: int = Field(
+        default=64, alias="CLIENT_IPV6_PREFIX_LENGTH", ge=1, le=128
+    )
 
     @field_validator("quota_timezone")
     @classmethod

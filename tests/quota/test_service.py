@@ -133,7 +133,7 @@ async def test_guest_commit_then_refund_is_not_applied(quota: RunningQuota) -> N
 
 
 async def test_unknown_reservations_are_not_applied(quota: RunningQuota) -> None:
-    for rid in ("g_" + "0" * 32, "u_00000000-0000-0000-0000-000000000000"):
+    for rid in ("g_" + "0" * 16 + "_" + "0" * 32, "u_00000000-0000-0000-0000-000000000000"):
         response = await quota.stub.SettleReservation(settle(rid, quota_pb2.OUTCOME_REFUND))
         assert not response.applied
         assert not response.HasField("quota")
@@ -161,6 +161,23 @@ async def test_guest_ip_spellings_share_one_counter(quota: RunningQuota) -> None
         quota_pb2.GetQuotaRequest(), metadata=guest_metadata("::ffff:" + v4)
     )
     assert seen.used == 1
+
+
+async def test_one_ipv6_network_is_one_guest(quota: RunningQuota) -> None:
+    """Every address of a /64 is one subscriber: choosing a fresh address per request does not
+    make a fresh guest."""
+    network = ":".join(unique_ip().split(":")[:4])
+    for host in range(GUEST_LIMIT):
+        await quota.stub.ReserveQuota(guest(f"{network}::{host + 1}"))
+    with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+        await quota.stub.ReserveQuota(guest(f"{network}:ffff:ffff:ffff:ffff"))
+    assert exhausted.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    seen = await quota.stub.GetQuota(
+        quota_pb2.GetQuotaRequest(), metadata=guest_metadata(f"{network}::abcd")
+    )
+    assert seen.used == GUEST_LIMIT
+    neighbour = ":".join(unique_ip().split(":")[:4])
+    assert (await quota.stub.ReserveQuota(guest(f"{neighbour}::1"))).quota.used == 1
 
 
 # -- users ---------------------------------------------------------------------------------------

@@ -14,16 +14,17 @@ import pytest
 from services.common.db import Database
 from services.common.perf import PerformanceMonitor
 from services.common.redis import RedisUnavailable, ResilientRedis
-from services.quota.clock import QuotaClock
+from services.quota.clock import QuotaClock, QuotaWindow
 from services.quota.guest_store import (
     FallbackGuestQuotaStore,
     MemoryGuestQuotaStore,
     RedisGuestQuotaStore,
+    guest_tag,
 )
 from services.quota.plans import QuotaLimits
 from services.quota.profile_cache import ProfileCache
 from services.quota.profile_store import ProfileStore
-from services.quota.reservations import Settlement
+from services.quota.reservations import ReservationId, Settlement, new_guest_reservation
 from tests.quota.conftest import (
     FREE_LIMIT,
     GUEST_LIMIT,
@@ -54,80 +55,107 @@ async def database(quota_settings: SettingsFactory) -> AsyncIterator[Database]:
 
 # -- Redis guest store ---------------------------------------------------------------------------
 
+TTL = 300.0
+
+
+def rid(network: str, window: QuotaWindow) -> ReservationId:
+    return new_guest_reservation(guest_tag(network, window.day))
+
 
 async def test_redis_reserve_is_exact_under_concurrency(redis: ResilientRedis) -> None:
-    store = RedisGuestQuotaStore(redis)
+    store = RedisGuestQuotaStore(redis, TTL)
     window = QuotaClock().window()
     ip = unique_ip()
     results = await asyncio.gather(
-        *(store.reserve(ip, window, 10, uuid.uuid4()) for _ in range(30))
+        *(store.reserve(ip, window, 10, rid(ip, window)) for _ in range(30))
     )
     assert sum(r.reserved for r in results) == 10
     assert sorted(r.used for r in results if r.reserved) == list(range(1, 11))
     assert await store.used(ip, window) == 10
 
 
-async def test_redis_keys_expire_at_the_reset(redis: ResilientRedis) -> None:
-    store = RedisGuestQuotaStore(redis)
+async def test_redis_keys_share_a_hash_tag_and_expire_at_the_reset(redis: ResilientRedis) -> None:
+    store = RedisGuestQuotaStore(redis, TTL)
     window = QuotaClock().window()
-    ip, reservation = unique_ip(), uuid.uuid4()
+    ip = unique_ip()
+    reservation = rid(ip, window)
     await store.reserve(ip, window, 3, reservation)
     assert redis.client is not None
-    for key in (store.counter_key(ip, window.day), store.reservation_key(reservation)):
+    keys = store.keys(reservation.tag)
+    assert all("{" + reservation.tag + "}" in key for key in keys)
+    for key in keys:
         expires_at = await redis.client.expiretime(key)
         assert expires_at == int(window.resets_at.timestamp())
 
 
 async def test_redis_refund_once_and_commit_then_refund(redis: ResilientRedis) -> None:
-    store = RedisGuestQuotaStore(redis)
+    store = RedisGuestQuotaStore(redis, TTL)
     window = QuotaClock().window()
     ip = unique_ip()
-    refunded, committed = uuid.uuid4(), uuid.uuid4()
+    refunded, committed = rid(ip, window), rid(ip, window)
     await store.reserve(ip, window, 3, refunded)
     await store.reserve(ip, window, 3, committed)
 
-    first = await store.settle(refunded, Settlement.REFUND, window.now)
-    again = await store.settle(refunded, Settlement.REFUND, window.now)
-    assert first is not None and (first.applied, first.used, first.ip) == (True, 1, ip)
+    first = await store.settle(refunded, Settlement.REFUND)
+    again = await store.settle(refunded, Settlement.REFUND)
+    assert first is not None and (first.applied, first.used, first.network) == (True, 1, ip)
     assert first.day == window.day
     assert again is not None and (again.applied, again.used) == (False, 1)
 
-    commit = await store.settle(committed, Settlement.COMMIT, window.now)
-    late_refund = await store.settle(committed, Settlement.REFUND, window.now)
+    commit = await store.settle(committed, Settlement.COMMIT)
+    late_refund = await store.settle(committed, Settlement.REFUND)
     assert commit is not None and commit.applied
     assert late_refund is not None and not late_refund.applied
     assert await store.used(ip, window) == 1
-    assert await store.settle(uuid.uuid4(), Settlement.REFUND, window.now) is None
+    # A reservation of a guest-day Redis never saw is unknown.
+    assert await store.settle(rid(unique_ip(), window), Settlement.REFUND) is None
 
 
 async def test_redis_refunds_concurrently_give_back_each_unit_once(redis: ResilientRedis) -> None:
-    store = RedisGuestQuotaStore(redis)
+    store = RedisGuestQuotaStore(redis, TTL)
     window = QuotaClock().window()
     ip = unique_ip()
-    reservations = [uuid.uuid4() for _ in range(5)]
+    reservations = [rid(ip, window) for _ in range(5)]
     for reservation in reservations:
         await store.reserve(ip, window, 10, reservation)
-    settled = await asyncio.gather(
-        *(store.settle(r, Settlement.REFUND, window.now) for r in reservations * 4)
-    )
+    settled = await asyncio.gather(*(store.settle(r, Settlement.REFUND) for r in reservations * 4))
     assert sum(1 for s in settled if s is not None and s.applied) == 5
     assert await store.used(ip, window) == 0
+
+
+async def test_redis_unsettled_reservation_expires_and_gives_its_unit_back(
+    redis: ResilientRedis,
+) -> None:
+    store = RedisGuestQuotaStore(redis, ttl_seconds=0.3)
+    window = QuotaClock().window()
+    ip = unique_ip()
+    forgotten, committed = rid(ip, window), rid(ip, window)
+    await store.reserve(ip, window, 2, forgotten)
+    await store.reserve(ip, window, 2, committed)
+    await store.settle(committed, Settlement.COMMIT)
+    assert not (await store.reserve(ip, window, 2, rid(ip, window))).reserved
+
+    await asyncio.sleep(0.5)  # the forgotten reservation's TTL passes (Redis's clock)
+    assert await store.used(ip, window) == 1  # its unit is back; the committed one stays
+    late = await store.settle(forgotten, Settlement.COMMIT)
+    assert late is not None and not late.applied and late.used == 1
+    assert (await store.reserve(ip, window, 2, rid(ip, window))).reserved
 
 
 async def test_redis_counts_per_day(redis: ResilientRedis) -> None:
     now = MovableNow()
     clock = QuotaClock("America/New_York", now=now)
     now.set(before_a_future_midnight(clock, seconds=30))
-    store = RedisGuestQuotaStore(redis)
+    store = RedisGuestQuotaStore(redis, TTL)
     ip = unique_ip()
     today = clock.window()
     for _ in range(3):
-        await store.reserve(ip, today, 3, uuid.uuid4())
-    assert not (await store.reserve(ip, today, 3, uuid.uuid4())).reserved
+        await store.reserve(ip, today, 3, rid(ip, today))
+    assert not (await store.reserve(ip, today, 3, rid(ip, today))).reserved
     now.advance(timedelta(minutes=1))
     tomorrow = clock.window()
     assert tomorrow.day == today.day + timedelta(days=1)
-    assert (await store.reserve(ip, tomorrow, 3, uuid.uuid4())).used == 1
+    assert (await store.reserve(ip, tomorrow, 3, rid(ip, tomorrow))).used == 1
 
 
 async def test_fallback_goes_back_to_redis_when_the_breaker_closes(
@@ -135,20 +163,20 @@ async def test_fallback_goes_back_to_redis_when_the_breaker_closes(
 ) -> None:
     redis = ResilientRedis(quota_settings(redis_cooldown_seconds=0.2), PerformanceMonitor())
     try:
-        memory = MemoryGuestQuotaStore()
-        store = FallbackGuestQuotaStore(RedisGuestQuotaStore(redis), memory)
+        memory = MemoryGuestQuotaStore(TTL)
+        store = FallbackGuestQuotaStore(RedisGuestQuotaStore(redis, TTL), memory)
         window = QuotaClock().window()
         ip = unique_ip()
         for _ in range(redis.breaker.failure_threshold):
             redis.breaker.record_failure()
         assert not redis.available
-        assert (await store.reserve(ip, window, 3, uuid.uuid4())).used == 1
+        assert (await store.reserve(ip, window, 3, rid(ip, window))).used == 1
         assert await memory.used(ip, window) == 1  # served by the fallback
 
         await asyncio.sleep(0.3)  # the cooldown passes; the next call probes Redis
-        assert (await store.reserve(ip, window, 3, uuid.uuid4())).used == 1
+        assert (await store.reserve(ip, window, 3, rid(ip, window))).used == 1
         assert redis.available
-        assert await RedisGuestQuotaStore(redis).used(ip, window) == 1
+        assert await RedisGuestQuotaStore(redis, TTL).used(ip, window) == 1
         assert await memory.used(ip, window) == 1  # untouched once Redis is back
     finally:
         await redis.close()
@@ -162,10 +190,12 @@ async def test_unreachable_redis_raises_unavailable_quickly(
         PerformanceMonitor(),
     )
     try:
-        store = RedisGuestQuotaStore(redis)
+        store = RedisGuestQuotaStore(redis, TTL)
+        window = QuotaClock().window()
+        ip = unique_ip()
         async with asyncio.timeout(5):
             with pytest.raises(RedisUnavailable):
-                await store.reserve(unique_ip(), QuotaClock().window(), 3, uuid.uuid4())
+                await store.reserve(ip, window, 3, rid(ip, window))
     finally:
         await redis.close()
 
