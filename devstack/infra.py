@@ -176,14 +176,15 @@ def redis(scratch: Path) -> Server | None:
     return private_redis(scratch)
 
 
-def private_redis(scratch: Path) -> Server | None:
-    """A throwaway Redis server from the installed binary, or None when there is none."""
+def private_redis(scratch: Path, port: int | None = None) -> Server | None:
+    """A throwaway Redis server from the installed binary, or None when there is none.
+    `port` restarts one where an earlier one listened (tests of a Redis outage)."""
     binary = shutil.which("redis-server")
     if binary is None:
         return None
     workdir = scratch / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             binary,
@@ -204,6 +205,115 @@ def private_redis(scratch: Path) -> Server | None:
     )
     _wait_port(port, proc, "redis-server")
     return Server("redis", f"redis://127.0.0.1:{port}/0", "private", process=proc, workdir=workdir)
+
+
+@dataclass
+class PrivateRedisCluster:
+    """A throwaway Redis Cluster of `len(nodes)` primaries (no replicas), for tests that must
+    prove their scripts run unchanged on Redis Cluster. `url` is any node (a seed)."""
+
+    ports: list[int]
+    nodes: list[Server]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def private_redis_cluster(scratch: Path, size: int = 3) -> PrivateRedisCluster:
+    """Start `size` redis-server processes with cluster mode on and join them into one cluster
+    (`redis-cli --cluster create`), each primary owning a third of the 16384 hash slots."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise InfraError("Redis Cluster needs redis-server and redis-cli (apt-get install redis)")
+    nodes: list[Server] = []
+    ports: list[int] = []
+    try:
+        for _ in range(size):
+            port = _free_cluster_port()
+            workdir = Path(tempfile.mkdtemp(prefix=f"redis-cluster-{port}-", dir=scratch))
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(workdir / "nodes.conf"),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(workdir),
+                ],
+                stdout=(workdir / "redis.log").open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            url = f"redis://127.0.0.1:{port}/0"
+            nodes.append(Server("redis", url, "private", process=proc, workdir=workdir))
+            ports.append(port)
+            _wait_port(port, proc, "redis-server (cluster node)")
+        create = subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if create.returncode != 0:
+            raise InfraError(f"redis-cli --cluster create failed: {create.stdout}{create.stderr}")
+        _wait_cluster_ok(cli, ports)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return PrivateRedisCluster(ports, nodes)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, Redis's rule) is free and valid."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 < 65536 and not port_open("127.0.0.1", port + 10000):
+            return port
+    raise InfraError("no free port pair for a Redis Cluster node")
+
+
+def _wait_cluster_ok(cli: str, ports: list[int], timeout: float = 30) -> None:
+    """Every node must see the whole cluster as ok before clients are pointed at it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [
+            subprocess.run(
+                [cli, "-p", str(port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout
+            for port in ports
+        ]
+        if all("cluster_state:ok" in state for state in states):
+            return
+        time.sleep(0.2)
+    raise InfraError(f"Redis Cluster on ports {ports} did not reach cluster_state:ok")
 
 
 def with_database(server_url: str, database: str) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate.utils as kv
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
 COMPONENTS_DIR = K8S_DIR / "components"

@@ -8,13 +8,14 @@ Through Envoy's transcoder these become the HTTP status and a JSON body, and `re
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -57,6 +58,10 @@ class ServiceError(Exception):
         return f"{self.code.name} {self.reason}: {self.message}"
 
     def to_grpc_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_status_proto())
+
+    def to_status_proto(self) -> status_pb2.Status:
+        """The google.rpc.Status (with ErrorInfo, BadRequest, RetryInfo details) this error is."""
         status = status_pb2.Status(code=_CODE_NUMBERS[self.code], message=self.message)
         info = error_details_pb2.ErrorInfo(
             reason=self.reason.value, domain=ERROR_DOMAIN, metadata=self.metadata
@@ -76,7 +81,13 @@ class ServiceError(Exception):
             delay = duration_pb2.Duration()
             delay.FromMilliseconds(int(self.retry_after_seconds * 1000))
             status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        return rpc_status.to_status(status)
+        return status
+
+    def to_json(self) -> bytes:
+        """The error as the JSON body Envoy's transcoder gives REST clients for a gRPC error,
+        for replies Envoy sends itself (a rate-limit refusal)."""
+        body = json_format.MessageToDict(self.to_status_proto(), preserving_proto_field_name=True)
+        return json.dumps(body, separators=(",", ":")).encode()
 
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         base: tuple[tuple[str, str | bytes], ...] = tuple(self.to_grpc_status().trailing_metadata)

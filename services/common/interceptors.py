@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -95,6 +95,12 @@ async def _guarded(
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """`unvalidated_services` carry no protovalidate rules (a contract that is not ours):
+    their requests skip validation, which would find nothing to check."""
+
+    def __init__(self, unvalidated_services: Sequence[str] = ()) -> None:
+        self._unvalidated = tuple(f"/{name}/" for name in unvalidated_services)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -104,13 +110,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         full_method = handler_call_details.method
+        validate = not full_method.startswith(self._unvalidated) if self._unvalidated else True
 
         if handler.unary_unary is not None:
             inner_unary: Any = handler.unary_unary
 
             async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with _guarded(context, full_method):
-                    validate_request(request)
+                    if validate:
+                        validate_request(request)
                     return await inner_unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(

@@ -31,7 +31,12 @@ class RedisUnavailable(Exception):
 
 
 class ResilientRedis:
-    def __init__(self, settings: RedisSettings, perf: PerformanceMonitor) -> None:
+    """`client` replaces the one REDIS_URL would make (the Redis Cluster tests hand in a
+    cluster client, to prove the Lua scripts run unchanged there)."""
+
+    def __init__(
+        self, settings: RedisSettings, perf: PerformanceMonitor, client: Redis | None = None
+    ) -> None:
         self.settings = settings
         self.perf = perf
         self.prefix = settings.redis_key_prefix
@@ -41,8 +46,8 @@ class ResilientRedis:
             reset_timeout=settings.redis_cooldown_seconds,
             half_open_successes=1,
         )
-        self.client: Redis | None = None
-        if settings.redis_url:
+        self.client: Redis | None = client
+        if client is None and settings.redis_url:
             self.client = Redis.from_url(
                 settings.redis_url,
                 socket_timeout=settings.redis_timeout_seconds,
@@ -51,7 +56,7 @@ class ResilientRedis:
                 retry_on_error=[RedisConnectionError, RedisTimeoutError],
                 health_check_interval=30,
             )
-        else:
+        elif client is None:
             log.warning("REDIS_URL is empty: using the in-memory, per-replica fallback")
 
     def key(self, *parts: str) -> str:

@@ -88,7 +88,12 @@ class GrpcService:
     periodic jobs; each should return promptly, starting a task rather than running the job).
     If one raises, the service is stopped (the `on_stop` hooks run) and `start` raises.
     `on_stop` hooks run in order after the server has drained; one that raises is logged and
-    the others still run, so stop a background job before closing the clients it uses."""
+    the others still run, so stop a background job before closing the clients it uses.
+
+    `lean_services` are served without a trace span and without protovalidate: high-rate
+    services called by Envoy itself, whose calls carry no trace context (every call would
+    start a new trace) and whose contracts are not ours (nothing to validate), such as the
+    rate limit service."""
 
     def __init__(
         self,
@@ -99,6 +104,7 @@ class GrpcService:
         dependencies: Sequence[Dependency] = (),
         on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
         on_start: Sequence[Callable[[], Awaitable[None]]] = (),
+        lean_services: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.settings = settings
@@ -108,7 +114,8 @@ class GrpcService:
         self.on_start = list(on_start)
         self.health = AsyncHealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[server_interceptor(), ServiceInterceptor()], options=SERVER_OPTIONS
+            interceptors=[server_interceptor(lean_services), ServiceInterceptor(lean_services)],
+            options=SERVER_OPTIONS,
         )
         register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -224,7 +231,10 @@ def run_service(
     configure_tracing(name, settings.otel_exporter_otlp_endpoint)
 
     async def main() -> None:
-        service = await create_service(settings)
+        try:
+            service = await create_service(settings)
+        except ValueError as err:  # configuration beyond the settings, e.g. a rate-limit file
+            sys.exit(f"{name}: {err}")
         await service.serve_until_signalled()
 
     asyncio.run(main())

@@ -5,6 +5,7 @@ instrumentation covers; the generation service spans and propagates that call it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -13,6 +14,7 @@ from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.grpc import (
     GrpcAioInstrumentorClient,
     aio_server_interceptor,
+    filters,
 )
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -40,10 +42,13 @@ def configure_tracing(service: str, otlp_endpoint: str) -> TracerProvider:
     return provider
 
 
-def server_interceptor() -> Any:
-    """Starts a server span per RPC, continuing the trace carried in `traceparent` metadata."""
+def server_interceptor(untraced_services: Sequence[str] = ()) -> Any:
+    """Starts a server span per RPC, continuing the trace carried in `traceparent` metadata;
+    RPCs of `untraced_services` get none."""
+    untraced = [filters.service_name(name) for name in untraced_services]
     return aio_server_interceptor(  # type: ignore[no-untyped-call]
-        tracer_provider=_provider or trace.get_tracer_provider()
+        tracer_provider=_provider or trace.get_tracer_provider(),
+        filter_=filters.negate(filters.any_of(*untraced)) if untraced else None,
     )
 
 

@@ -1,14 +1,21 @@
-"""Wires the quota service together: settings -> stores -> ledger -> servicer -> server, and
-the reservation sweeper that runs beside the server."""
+"""Wires the quota service together: settings -> stores -> ledger -> servicer -> server, the
+rate limit service Envoy asks (config -> limiter -> decider -> RLS adapter), the operators'
+block admin, and the reservation sweeper that runs beside the server."""
 
 from __future__ import annotations
+
+import os
 
 import grpc
 
 from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.common.admin_auth import AdminGuard
+from services.common.background import BackgroundTasks
+from services.common.channels import internal_channel
 from services.common.db import Database
 from services.common.perf import PerformanceMonitor
 from services.common.redis import ResilientRedis
+from services.common.security_events import SecurityEventSink, TelemetrySecurityEvents
 from services.common.server import Dependency, GrpcService
 from services.quota.clock import QuotaClock
 from services.quota.guest_store import (
@@ -21,11 +28,23 @@ from services.quota.network import ClientNetworks
 from services.quota.plans import QuotaLimits
 from services.quota.profile_cache import ProfileCache
 from services.quota.profile_store import ProfileStore
+from services.quota.ratelimit.blocks import BlockAdmin
+from services.quota.ratelimit.config import load_config
+from services.quota.ratelimit.decider import RateLimitDecider
+from services.quota.ratelimit.limiter import FallbackLimiter
+from services.quota.ratelimit.memory_limiter import MemoryLimiter
+from services.quota.ratelimit.redis_limiter import RedisLimiter
+from services.quota.ratelimit.rls import SERVICE_NAME as RLS_SERVICE_NAME
+from services.quota.ratelimit.rls import RlsMessages, add_rate_limit_service
 from services.quota.reservation_sweeper import ReservationSweeper
-from services.quota.servicer import QuotaServicer
+from services.quota.servicer import QuotaAdminServicer, QuotaServicer
 from services.quota.settings import QuotaSettings
 
 SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
+ADMIN_SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaAdminService"].full_name
+# How long stop() waits for security events still being sent.
+BACKGROUND_DRAIN_SECONDS = 5.0
+SECURITY_EVENT_TIMEOUT_SECONDS = 2.0
 
 
 def build_ledger(
@@ -70,6 +89,18 @@ def build_sweeper(
     )
 
 
+def build_decider(
+    settings: QuotaSettings, redis: ResilientRedis, security_events: SecurityEventSink | None
+) -> RateLimitDecider:
+    """Raises ConfigError (a ValueError naming the field) for a bad rate-limit config."""
+    return RateLimitDecider(
+        load_config(settings.rate_limit_config, os.environ),
+        FallbackLimiter(RedisLimiter(redis), MemoryLimiter()),
+        client_networks(settings),
+        security_events,
+    )
+
+
 async def create_service(
     settings: QuotaSettings, *, clock: QuotaClock | None = None
 ) -> GrpcService:
@@ -79,14 +110,31 @@ async def create_service(
     redis = ResilientRedis(settings, perf)
     ledger = build_ledger(settings, db, redis, perf, clock)
     sweeper = build_sweeper(settings, ledger.profiles, ledger.cache)
+    background = BackgroundTasks()
+    telemetry_channel = internal_channel(settings.telemetry_addr)
+    security_events = TelemetrySecurityEvents(
+        telemetry_channel, SECURITY_EVENT_TIMEOUT_SECONDS, background
+    )
+    decider = build_decider(settings, redis, security_events)
+    blocks = BlockAdmin(decider.limiter, decider.networks, security_events)
+    rls_messages = RlsMessages()
 
     def register(server: grpc.aio.Server) -> None:
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(ledger), server)
+        quota_pb2_grpc.add_QuotaAdminServiceServicer_to_server(
+            QuotaAdminServicer(AdminGuard(settings.genmesh_admin_token, security_events), blocks),
+            server,
+        )
+        add_rate_limit_service(server, decider, rls_messages)
+
+    async def close_telemetry() -> None:
+        await background.drain(BACKGROUND_DRAIN_SECONDS)
+        await telemetry_channel.close(grace=None)
 
     return GrpcService(
         "quota",
         settings,
-        [SERVICE_NAME],
+        [SERVICE_NAME, ADMIN_SERVICE_NAME],
         register,
         dependencies=[
             # Profiles live only in PostgreSQL; guests fall back to memory without Redis.
@@ -94,6 +142,7 @@ async def create_service(
             Dependency("redis", redis.ping, required=False),
         ],
         on_start=[sweeper.start],
-        # The sweeper first: it uses the database and Redis.
-        on_stop=[sweeper.stop, db.close, redis.close],
+        lean_services=[RLS_SERVICE_NAME],
+        # The sweeper first: it uses the database and Redis; pending security events next.
+        on_stop=[sweeper.stop, close_telemetry, db.close, redis.close],
     )

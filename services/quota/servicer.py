@@ -1,16 +1,22 @@
-"""The gRPC face of the quota ledger: read the caller, call the ledger, map to protos."""
+"""The gRPC faces of the quota service: the ledger (quotas, profiles, reservations) and the
+operators' view of rate-limit blocks. Read the caller, call the domain code, map to protos.
+(Envoy's rate limit service is in ratelimit/rls.py.)"""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.common.admin_auth import AdminGuard
 from services.common.identity import Identity, identity_from_metadata
 from services.quota.ledger import QuotaLedger
 from services.quota.plans import QuotaStatus
+from services.quota.ratelimit.blocks import BlockAdmin
 from services.quota.reservations import Settlement
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -83,3 +89,38 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         if settled.quota is not None:
             response.quota.CopyFrom(quota_message(settled.quota))
         return response
+
+
+class QuotaAdminServicer(quota_pb2_grpc.QuotaAdminServiceServicer):
+    def __init__(self, guard: AdminGuard, blocks: BlockAdmin) -> None:
+        self.guard = guard
+        self.blocks = blocks
+
+    def _authorize(self, context: Context, method: str) -> Identity:
+        caller = _caller(context)
+        self.guard.check(tuple(context.invocation_metadata() or ()), caller, method)
+        return caller
+
+    async def ListBlocks(
+        self, request: quota_pb2.ListBlocksRequest, context: Context
+    ) -> quota_pb2.ListBlocksResponse:
+        self._authorize(context, "ListBlocks")
+        now_ms = time.time() * 1000
+        response = quota_pb2.ListBlocksResponse()
+        for block in await self.blocks.blocks():
+            out = response.blocks.add(
+                scope=block.subject.scope.value,
+                subject=block.subject.value,
+                level=block.level,
+                remaining_seconds=max(0, math.ceil((block.until_ms - now_ms) / 1000)),
+                backend=block.backend,
+            )
+            out.blocked_until.FromMilliseconds(block.until_ms)
+        return response
+
+    async def LiftBlock(
+        self, request: quota_pb2.LiftBlockRequest, context: Context
+    ) -> quota_pb2.LiftBlockResponse:
+        operator = self._authorize(context, "LiftBlock")
+        lifted = await self.blocks.lift(request.scope, request.subject, operator)
+        return quota_pb2.LiftBlockResponse(lifted=lifted)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
 
 from services.common.settings import PostgresSettings, RedisSettings, ServiceSettings
+from services.quota.ratelimit.config import DEFAULT_CONFIG
 
 
 class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
@@ -51,6 +53,17 @@ class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
     client_ipv6_prefix_length: int = Field(
         default=64, alias="CLIENT_IPV6_PREFIX_LENGTH", ge=1, le=128
     )
+
+    # The rate limits Envoy's rate limit service (served here) enforces: a YAML file, by
+    # default services/quota/ratelimit/limits.yaml; RATE_LIMIT_* variables override its
+    # common knobs (see that file).
+    rate_limit_config: Path = Field(default=DEFAULT_CONFIG, alias="RATE_LIMIT_CONFIG")
+    # The telemetry service (gRPC host:port), told about rate-limit bursts and blocks and
+    # admin actions (best effort).
+    telemetry_addr: str = Field(default="127.0.0.1:50053", alias="TELEMETRY_ADDR")
+    # The admin credential expected in the `x-admin-token` header (rate-limit blocks). Empty
+    # disables the admin API (every call gets PERMISSION_DENIED).
+    genmesh_admin_token: str = Field(default="", alias="GENMESH_ADMIN_TOKEN", repr=False)
 
     @field_validator("quota_timezone")
     @classmethod

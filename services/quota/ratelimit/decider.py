@@ -1,0 +1,196 @@
+"""The rate-limit decision for one request, without gRPC: which limits the request counts
+against (its route and who sends it), the checks themselves (concurrently, one per subject),
+the refusal a client sees, and the security events abuse produces.
+
+Envoy describes a request as descriptors, each a set of entries: `path` (the REST path) with
+`remote_address` (the client IP Envoy trusts) or with `user` (the verified JWT subject). Each
+descriptor is one check; the request passes only if every check does. Descriptors of any
+other shape are answered OK without counting anything, so a stray entry cannot block traffic.
+
+Security events are aggregated: one `rate_limit_exceeded` per burst of refusals (the first
+refusal in an escalation window), one `rate_limit_block` per block, never one per request, so
+an attacker cannot make the database write a row per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import Counter
+
+from services.common.errors import Reason, ServiceError
+from services.common.identity import Identity
+from services.common.security_events import SEVERITY_HIGH, SEVERITY_MEDIUM, SecurityEventSink
+from services.quota.network import ClientNetworks
+from services.quota.ratelimit.config import Limit, RateLimitConfig, Scope
+from services.quota.ratelimit.limiter import CheckResult, Limiter, Subject, Verdict
+
+PATH_ENTRY = "path"
+REMOTE_ADDRESS_ENTRY = "remote_address"
+USER_ENTRY = "user"
+
+DECISIONS = Counter(
+    "genmesh_ratelimit_decisions_total",
+    "Rate-limit checks, by route, scope and verdict.",
+    ["route", "scope", "verdict"],
+)
+
+
+@dataclass(frozen=True)
+class DescriptorStatus:
+    """The outcome for one descriptor. `result` is None when nothing was counted (no limit
+    applies to it)."""
+
+    name: str
+    limit: Limit | None
+    result: CheckResult | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    statuses: tuple[DescriptorStatus, ...]
+    # Set when the request is refused: what the client is told.
+    refusal: ServiceError | None
+
+    @property
+    def over_limit(self) -> bool:
+        return self.refusal is not None
+
+
+@dataclass(frozen=True)
+class _Check:
+    index: int
+    route: str
+    subject: Subject
+    limit: Limit
+
+
+def _seconds(milliseconds: int) -> int:
+    return max(1, math.ceil(milliseconds / 1000))
+
+
+def refusal(route: str, subject: Subject, limit: Limit, result: CheckResult) -> ServiceError:
+    """RATE_LIMITED, saying which limit was hit (never QUOTA_EXHAUSTED: that is the daily
+    quota, a different thing with a different remedy)."""
+    wait = _seconds(result.retry_after_ms)
+    who = "client network" if subject.scope is Scope.IP else "user"
+    if result.verdict is Verdict.BLOCKED:
+        message = f"this {who} is blocked for repeatedly exceeding rate limits; retry in {wait} s"
+    else:
+        message = (
+            f"rate limit exceeded: {limit.requests} {route} requests per {limit.unit.value} "
+            f"per {who}; retry in {wait} s"
+        )
+    if result.verdict is Verdict.BLOCKED:
+        # What was hit is the block, whichever route this request was for.
+        metadata = {"limit": "block", "scope": subject.scope.value, "route": route}
+        metadata["block_level"] = str(result.block_level)
+    else:
+        metadata = {"limit": route, "scope": subject.scope.value, "policy": str(limit)}
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.RATE_LIMITED,
+        message,
+        retry_after_seconds=result.retry_after_ms / 1000,
+        metadata=metadata,
+    )
+
+
+class RateLimitDecider:
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        limiter: Limiter,
+        networks: ClientNetworks,
+        security_events: SecurityEventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.limiter = limiter
+        self.networks = networks
+        self.security_events = security_events
+
+    def _subject(self, entries: Mapping[str, str]) -> Subject | None:
+        if ip := entries.get(REMOTE_ADDRESS_ENTRY):
+            network = self.networks.network_of(ip)
+            return Subject(Scope.IP, network) if network else None
+        if user := entries.get(USER_ENTRY):
+            return Subject(Scope.USER, user)
+        return None
+
+    async def decide(self, descriptors: Sequence[Mapping[str, str]]) -> Decision:
+        statuses: list[DescriptorStatus] = []
+        checks: list[_Check] = []
+        for index, entries in enumerate(descriptors):
+            subject = self._subject(entries)
+            route = self.config.route_for(entries.get(PATH_ENTRY, ""))
+            limit = route.limit(subject.scope) if subject is not None else None
+            name = f"{route.name}.per_{subject.scope.value}" if subject else route.name
+            statuses.append(DescriptorStatus(name, limit, None))
+            if subject is not None and limit is not None:
+                checks.append(_Check(index, route.name, subject, limit))
+
+        escalation = self.config.escalation
+        if len(checks) == 1:  # a guest: no task to spawn for one check
+            only = checks[0]
+            results = [await self.limiter.check(only.subject, only.route, only.limit, escalation)]
+        else:
+            results = await asyncio.gather(
+                *(self.limiter.check(c.subject, c.route, c.limit, escalation) for c in checks)
+            )
+        worst: tuple[_Check, CheckResult] | None = None
+        for check, result in zip(checks, results, strict=True):
+            statuses[check.index] = DescriptorStatus(
+                statuses[check.index].name, check.limit, result
+            )
+            DECISIONS.labels(check.route, check.subject.scope.value, result.verdict.value).inc()
+            if result.refused and (
+                worst is None or result.retry_after_ms > worst[1].retry_after_ms
+            ):
+                worst = (check, result)
+        refused = [(c, r) for c, r in zip(checks, results, strict=True) if r.refused]
+        if refused:
+            self._report(descriptors, refused)
+        if worst is None:
+            return Decision(tuple(statuses), None)
+        check, result = worst
+        return Decision(tuple(statuses), refusal(check.route, check.subject, check.limit, result))
+
+    def _report(
+        self, descriptors: Sequence[Mapping[str, str]], refused: list[tuple[_Check, CheckResult]]
+    ) -> None:
+        if self.security_events is None:
+            return
+        identity = Identity(
+            user_id=next((d[USER_ENTRY] for d in descriptors if d.get(USER_ENTRY)), ""),
+            email="",
+            client_ip=next(
+                (d[REMOTE_ADDRESS_ENTRY] for d in descriptors if d.get(REMOTE_ADDRESS_ENTRY)), ""
+            ),
+        )
+        for check, result in refused:
+            details = {
+                "route": check.route,
+                "scope": check.subject.scope.value,
+                "subject": check.subject.value,
+                "limit": str(check.limit),
+            }
+            if result.started_block:
+                self.security_events.report(
+                    "rate_limit_block",
+                    SEVERITY_HIGH,
+                    identity,
+                    {
+                        **details,
+                        "level": str(result.block_level),
+                        "duration_seconds": str(_seconds(result.retry_after_ms)),
+                        "violations": str(result.violations),
+                    },
+                )
+            elif result.violations == 1:
+                self.security_events.report(
+                    "rate_limit_exceeded", SEVERITY_MEDIUM, identity, details
+                )

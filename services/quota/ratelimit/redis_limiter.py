@@ -1,0 +1,175 @@
+"""The shared limiter: one Lua script per check, so the count is exact however many quota
+replicas (and Envoys) decide at once.
+
+Keys, per subject, all under the subject's hash tag so a script's keys share one slot and it
+runs unchanged on Redis Cluster:
+
+    rl:{ip:2001:db8:1:2::/64}:gcra:<route>   GCRA theoretical arrival time (µs, Redis clock)
+    rl:{ip:...}:violations                   refusals in the current escalation window
+    rl:{ip:...}:level                        blocks so far (forgotten after forget_after)
+    rl:{ip:...}:block                        present while blocked; its value is the level
+
+and one index, `rl:blocks` (a sorted set: subject -> end of block in unix ms), so operators can
+list blocks without scanning keys; it is written after the block (another slot on a Cluster)
+and its ended entries are dropped as it is read.
+
+Time is Redis's own (TIME), so replicas with skewed clocks agree on every window.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import cast
+
+from redis.asyncio import Redis
+
+from services.common.redis import RedisUnavailable, ResilientRedis
+from services.quota.ratelimit.config import Escalation, Limit
+from services.quota.ratelimit.limiter import Block, CheckResult, Subject, Verdict
+
+# KEYS: block, violations, level, bucket.
+# ARGV: requests, period (ms), violations before a block (0: never), violation window (ms),
+#       forget block history after (ms), block steps (ms, comma-separated).
+# Returns {verdict (0 allowed, 1 limited, 2 blocked), remaining, retry_after_ms, reset_ms,
+#          violations, block level, 1 if this request started the block, now (unix ms)}.
+#
+# GCRA: each request moves the bucket's theoretical arrival time (TAT) one emission interval
+# (period / requests) ahead; a request is allowed while TAT - now stays within the period
+# after the move. A refusal leaves TAT where it was.
+_CHECK_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now / 1000)
+local blocked_ms = redis.call('PTTL', KEYS[1])
+if blocked_ms > 0 then
+  local level = tonumber(redis.call('GET', KEYS[1]) or '1')
+  return {2, 0, blocked_ms, blocked_ms, 0, level, 0, now_ms}
+end
+local requests = tonumber(ARGV[1])
+local period = tonumber(ARGV[2]) * 1000
+local interval = period / requests
+local tat = tonumber(redis.call('GET', KEYS[4]) or '0')
+if tat < now then
+  tat = now
+end
+local new_tat = tat + interval
+local diff = now - (new_tat - period)
+if diff >= 0 then
+  local reset_ms = math.ceil((new_tat - now) / 1000)
+  redis.call('SET', KEYS[4], string.format('%.0f', new_tat), 'PX', reset_ms)
+  return {0, math.floor(diff / interval), 0, reset_ms, 0, 0, 0, now_ms}
+end
+local retry_ms = math.ceil(-diff / 1000)
+local reset_ms = math.ceil((tat - now) / 1000)
+local threshold = tonumber(ARGV[3])
+if threshold == 0 then
+  return {1, 0, retry_ms, reset_ms, 0, 0, 0, now_ms}
+end
+local violations = redis.call('INCR', KEYS[2])
+if violations == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+if violations < threshold then
+  return {1, 0, retry_ms, reset_ms, violations, 0, 0, now_ms}
+end
+local level = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+local steps = {}
+for step in string.gmatch(ARGV[6], '%d+') do
+  steps[#steps + 1] = tonumber(step)
+end
+local block_ms = steps[math.min(level, #steps)]
+redis.call('SET', KEYS[1], level, 'PX', block_ms)
+redis.call('DEL', KEYS[2])
+return {2, 0, block_ms, block_ms, violations, level, 1, now_ms}
+"""
+
+# KEYS: block, violations, level. Returns 1 when a block was in force.
+_LIFT_LUA = """
+local blocked = redis.call('EXISTS', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return blocked
+"""
+
+_VERDICTS = (Verdict.ALLOWED, Verdict.LIMITED, Verdict.BLOCKED)
+
+
+class RedisLimiter:
+    def __init__(self, redis: ResilientRedis) -> None:
+        self.redis = redis
+        client = redis.client
+        self._check = client.register_script(_CHECK_LUA) if client else None
+        self._lift = client.register_script(_LIFT_LUA) if client else None
+        self.index_key = redis.key("rl", "blocks")
+
+    def keys(self, subject: Subject, route: str) -> list[str]:
+        base = self.redis.key("rl", "{" + subject.tag + "}")
+        return [f"{base}:block", f"{base}:violations", f"{base}:level", f"{base}:gcra:{route}"]
+
+    async def check(
+        self, subject: Subject, route: str, limit: Limit, escalation: Escalation
+    ) -> CheckResult:
+        script = self._check
+        if script is None:
+            raise RedisUnavailable("REDIS_URL is not set")
+        keys = self.keys(subject, route)
+        args: list[str | int] = [
+            limit.requests,
+            limit.period_ms,
+            escalation.violations,
+            escalation.window_ms,
+            escalation.forget_after_ms,
+            ",".join(str(ms) for ms in escalation.blocks_ms),
+        ]
+        reply = await self.redis.run(
+            "ratelimit.check", lambda client: script(keys=keys, args=args, client=client)
+        )
+        verdict, remaining, retry_ms, reset_ms, violations, level, started, now_ms = map(int, reply)
+        if started:
+            until = now_ms + retry_ms
+            index = self.index_key
+            member = str(subject)
+            await self.redis.run(
+                "ratelimit.index_block",
+                lambda client: client.zadd(index, {member: until}),
+            )
+        return CheckResult(
+            _VERDICTS[verdict], remaining, retry_ms, reset_ms, violations, level, bool(started)
+        )
+
+    async def blocks(self) -> list[Block]:
+        if self.redis.client is None:
+            raise RedisUnavailable("REDIS_URL is not set")
+        index = self.index_key
+        now_ms = int(time.time() * 1000)
+
+        async def read(client: Redis) -> list[tuple[bytes | str, float]]:
+            await client.zremrangebyscore(index, "-inf", now_ms)
+            entries = await client.zrange(index, 0, -1, withscores=True)
+            return cast("list[tuple[bytes | str, float]]", entries)
+
+        entries = await self.redis.run("ratelimit.blocks", read)
+        found: list[Block] = []
+        for member, until in entries:
+            subject = Subject.parse(member.decode() if isinstance(member, bytes) else member)
+            level = await self._level(subject)
+            if level is not None:  # lifted meanwhile: not in force
+                found.append(Block(subject, level, int(until), "redis"))
+        return found
+
+    async def _level(self, subject: Subject) -> int | None:
+        block_key = self.keys(subject, "")[0]
+        level = await self.redis.run("ratelimit.block_level", lambda client: client.get(block_key))
+        return None if level is None else int(level)
+
+    async def lift(self, subject: Subject) -> bool:
+        script = self._lift
+        if script is None:
+            raise RedisUnavailable("REDIS_URL is not set")
+        keys = self.keys(subject, "")[:3]
+        lifted = await self.redis.run(
+            "ratelimit.lift", lambda client: script(keys=keys, client=client)
+        )
+        index, member = self.index_key, str(subject)
+        await self.redis.run("ratelimit.unindex", lambda client: client.zrem(index, member))
+        return bool(lifted)

@@ -1,0 +1,173 @@
+"""The rate-limit decision for a request (descriptors in, verdict and refusal out) and the
+security events abuse produces, on the memory limiter (the semantics are the limiter tests')."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from genmesh.telemetry.v1 import telemetry_pb2
+from services.common.identity import Identity
+from services.quota.network import ClientNetworks
+from services.quota.ratelimit.config import RateLimitConfig, load_config
+from services.quota.ratelimit.decider import RateLimitDecider
+from services.quota.ratelimit.limiter import Verdict
+from services.quota.ratelimit.memory_limiter import MemoryLimiter
+
+
+@dataclass
+class RecordedEvents:
+    events: list[tuple[str, int, Identity, dict[str, str]]] = field(default_factory=list)
+
+    def report(
+        self,
+        event_type: str,
+        severity: telemetry_pb2.Severity.ValueType,
+        identity: Identity,
+        details: Mapping[str, str],
+    ) -> None:
+        self.events.append((event_type, severity, identity, dict(details)))
+
+    def types(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+
+def config(**env: str) -> RateLimitConfig:
+    return load_config(
+        env={
+            "RATE_LIMIT_FEEDBACK_PER_IP": "3/minute",
+            "RATE_LIMIT_FEEDBACK_PER_USER": "2/minute",
+            "RATE_LIMIT_BLOCK_AFTER": "3",
+            "RATE_LIMIT_BLOCK_STEPS": "1m,10m",
+            **env,
+        }
+    )
+
+
+def decider(events: RecordedEvents | None = None, **env: str) -> RateLimitDecider:
+    return RateLimitDecider(config(**env), MemoryLimiter(), ClientNetworks(), events)
+
+
+def guest(path: str, ip: str) -> list[dict[str, str]]:
+    return [{"path": path, "remote_address": ip}]
+
+
+def user(path: str, ip: str, user_id: str) -> list[dict[str, str]]:
+    return [{"path": path, "remote_address": ip}, {"path": path, "user": user_id}]
+
+
+def fresh_ip() -> str:
+    return f"2001:db8:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::1"
+
+
+async def test_allowed_requests_carry_a_status_per_descriptor() -> None:
+    rl = decider()
+    decision = await rl.decide(user("/api/feedback", fresh_ip(), "u-1"))
+    assert not decision.over_limit
+    ip_status, user_status = decision.statuses
+    assert ip_status.name == "feedback.per_ip" and str(ip_status.limit) == "3/minute"
+    assert user_status.name == "feedback.per_user" and str(user_status.limit) == "2/minute"
+    assert ip_status.result is not None and ip_status.result.remaining == 2
+    assert user_status.result is not None and user_status.result.remaining == 1
+
+
+async def test_the_user_limit_holds_across_networks_and_the_refusal_names_it() -> None:
+    rl = decider()
+    for _ in range(2):
+        assert not (await rl.decide(user("/api/feedback", fresh_ip(), "u-2"))).over_limit
+    refused = await rl.decide(user("/api/feedback", fresh_ip(), "u-2"))
+    assert refused.over_limit and refused.refusal is not None
+    body = json.loads(refused.refusal.to_json())
+    assert body["code"] == 8
+    info, retry = body["details"]
+    assert info["reason"] == "RATE_LIMITED"  # never QUOTA_EXHAUSTED
+    assert info["metadata"] == {"limit": "feedback", "scope": "user", "policy": "2/minute"}
+    assert "2 feedback requests per minute per user" in body["message"]
+    assert 29 < float(retry["retry_delay"].rstrip("s")) <= 30
+
+
+async def test_one_ipv6_network_is_one_caller() -> None:
+    rl = decider()
+    network = f"2001:db8:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+    for host in range(3):
+        assert not (await rl.decide(guest("/api/feedback", f"{network}::{host + 1}"))).over_limit
+    assert (await rl.decide(guest("/api/feedback", f"{network}:ffff::9"))).over_limit
+    assert not (await rl.decide(guest("/api/feedback", fresh_ip()))).over_limit
+
+
+async def test_routes_have_their_own_limits_and_unknown_descriptors_count_nothing() -> None:
+    rl = decider()
+    ip = fresh_ip()
+    for _ in range(3):
+        await rl.decide(guest("/api/feedback", ip))
+    assert (await rl.decide(guest("/api/feedback", ip))).over_limit
+    assert not (await rl.decide(guest("/api/wishlist", ip))).over_limit
+    stray = await rl.decide([{"path": "/api/feedback"}, {"generic_key": "x"}])
+    assert not stray.over_limit
+    assert [s.result for s in stray.statuses] == [None, None]
+    not_an_ip = await rl.decide(guest("/api/feedback", "unix:/socket"))
+    assert not not_an_ip.over_limit and not_an_ip.statuses[0].result is None
+
+
+async def test_off_means_no_limit() -> None:
+    rl = decider(RATE_LIMIT_FEEDBACK_PER_IP="off")
+    ip = fresh_ip()
+    for _ in range(10):
+        decision = await rl.decide(guest("/api/feedback", ip))
+        assert not decision.over_limit and decision.statuses[0].limit is None
+
+
+async def test_one_event_per_burst_and_one_per_block_not_one_per_request() -> None:
+    events = RecordedEvents()
+    rl = decider(events, RATE_LIMIT_BLOCK_AFTER="4")
+    ip = fresh_ip()
+    for _ in range(3):
+        await rl.decide(guest("/api/feedback", ip))
+    assert events.types() == []
+    for _ in range(3):
+        await rl.decide(guest("/api/feedback", ip))  # refusals 1-3: one burst
+    assert events.types() == ["rate_limit_exceeded"]
+    _, severity, identity, details = events.events[0]
+    assert severity == telemetry_pb2.SEVERITY_MEDIUM
+    assert identity.client_ip == ip and identity.user_id == ""
+    assert details["route"] == "feedback" and details["scope"] == "ip"
+
+    blocked = await rl.decide(guest("/api/feedback", ip))  # refusal 4: a block
+    assert blocked.refusal is not None
+    assert events.types() == ["rate_limit_exceeded", "rate_limit_block"]
+    _, severity, _, details = events.events[1]
+    assert severity == telemetry_pb2.SEVERITY_HIGH
+    assert details["level"] == "1" and details["duration_seconds"] == "60"
+
+    for path in ("/api/feedback", "/api/quota", "/api/generate", "/api/health"):
+        refused = await rl.decide(guest(path, ip))
+        assert refused.refusal is not None
+        assert refused.statuses[0].result is not None
+        assert refused.statuses[0].result.verdict is Verdict.BLOCKED
+        assert refused.refusal.metadata["limit"] == "block"
+        assert 59 < (refused.refusal.retry_after_seconds or 0) <= 60
+    assert len(events.events) == 2  # blocked requests add no rows
+
+
+async def test_a_blocked_user_is_refused_wherever_they_come_from() -> None:
+    events = RecordedEvents()
+    rl = decider(events, RATE_LIMIT_BLOCK_AFTER="1")
+    for _ in range(3):
+        await rl.decide(user("/api/feedback", fresh_ip(), "u-blocked"))
+    assert events.types() == ["rate_limit_block"]
+    assert events.events[0][2].user_id == "u-blocked"
+    refused = await rl.decide(user("/api/quota", fresh_ip(), "u-blocked"))
+    assert refused.refusal is not None and refused.refusal.metadata["scope"] == "user"
+    assert "user is blocked" in refused.refusal.message
+
+
+async def test_the_longest_wait_is_the_one_reported() -> None:
+    rl = decider(RATE_LIMIT_BLOCK_AFTER="0", RATE_LIMIT_FEEDBACK_PER_IP="1/hour")
+    ip = fresh_ip()
+    await rl.decide(user("/api/feedback", ip, "u-3"))
+    refused = await rl.decide(user("/api/feedback", ip, "u-3"))  # IP: an hour; user: fine
+    assert refused.refusal is not None
+    assert refused.refusal.metadata["scope"] == "ip"
+    assert 3590 < (refused.refusal.retry_after_seconds or 0) <= 3600

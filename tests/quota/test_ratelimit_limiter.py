@@ -1,0 +1,235 @@
+"""The limiter's semantics, run against both implementations (the shared Redis script and the
+per-replica memory fallback), which must agree: GCRA counts, refills and Retry-After, the
+window edge, escalation to blocks, listing and lifting blocks. Plus what only Redis does:
+exactness across replicas, and the fallback that engages and returns by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.common.perf import PerformanceMonitor
+from services.common.redis import RedisUnavailable, ResilientRedis
+from services.quota.ratelimit.config import Escalation, Limit, Scope, Unit
+from services.quota.ratelimit.limiter import FallbackLimiter, Limiter, Subject, Verdict
+from services.quota.ratelimit.memory_limiter import MemoryLimiter
+from services.quota.ratelimit.redis_limiter import RedisLimiter
+from tests.quota.conftest import SettingsFactory
+
+NO_BLOCKS = Escalation(violations=0, window_ms=60_000, blocks_ms=(60_000,), forget_after_ms=1)
+FIVE_PER_SECOND = Limit(5, Unit.SECOND)
+THREE_PER_MINUTE = Limit(3, Unit.MINUTE)
+
+
+def escalation(violations: int = 3, *blocks_ms: int) -> Escalation:
+    return Escalation(
+        violations=violations,
+        window_ms=60_000,
+        blocks_ms=blocks_ms or (400, 800),
+        forget_after_ms=60_000,
+    )
+
+
+def subject(scope: Scope = Scope.IP) -> Subject:
+    return Subject(scope, f"198.51.100.{uuid.uuid4().int % 250}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+async def redis(quota_settings: SettingsFactory) -> AsyncIterator[ResilientRedis]:
+    client = ResilientRedis(quota_settings(), PerformanceMonitor())
+    yield client
+    await client.close()
+
+
+@pytest.fixture(params=["redis", "memory"])
+def limiter(request: pytest.FixtureRequest, redis: ResilientRedis) -> Limiter:
+    if request.param == "redis":
+        return RedisLimiter(redis)
+    return MemoryLimiter()
+
+
+async def test_a_burst_of_the_limit_passes_then_the_next_waits_one_interval(
+    limiter: Limiter,
+) -> None:
+    who = subject()
+    results = [await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS) for _ in range(4)]
+    assert [r.verdict for r in results] == [Verdict.ALLOWED] * 3 + [Verdict.LIMITED]
+    assert [r.remaining for r in results] == [2, 1, 0, 0]
+    # Allowed: the limit is whole again one interval per request used.
+    assert 19_000 < results[0].reset_ms <= 20_000
+    assert 59_000 < results[2].reset_ms <= 60_000
+    # Refused: one more request passes after one emission interval (60 s / 3).
+    assert 19_000 < results[3].retry_after_ms <= 20_000
+    assert results[3].violations == 0  # escalation off: nothing counted
+
+
+async def test_retry_after_counts_down(limiter: Limiter) -> None:
+    who = subject()
+    for _ in range(3):
+        await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+    first = await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+    await asyncio.sleep(0.3)
+    later = await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+    assert later.refused and first.refused
+    assert 250 <= first.retry_after_ms - later.retry_after_ms <= 600
+
+
+async def test_a_used_request_comes_back_after_one_interval(limiter: Limiter) -> None:
+    who = subject()
+    for _ in range(5):
+        assert not (await limiter.check(who, "generate", FIVE_PER_SECOND, NO_BLOCKS)).refused
+    refused = await limiter.check(who, "generate", FIVE_PER_SECOND, NO_BLOCKS)
+    assert refused.refused
+    await asyncio.sleep(refused.retry_after_ms / 1000 + 0.02)
+    assert not (await limiter.check(who, "generate", FIVE_PER_SECOND, NO_BLOCKS)).refused
+    assert (await limiter.check(who, "generate", FIVE_PER_SECOND, NO_BLOCKS)).refused
+
+
+async def test_no_fresh_burst_at_a_window_edge(limiter: Limiter) -> None:
+    """A fixed one-second window would admit 5 just before a whole second and 5 more just after
+    it. GCRA admits only what refilled in between: over any span of t seconds at most
+    5 + 5 * t, so barely more than 5 across the edge."""
+    who = subject()
+    now = time.time()
+    await asyncio.sleep(1 - (now % 1) + 0.85 if now % 1 > 0.5 else 0.85 - (now % 1))
+    started = time.monotonic()
+    before = [await limiter.check(who, "events", FIVE_PER_SECOND, NO_BLOCKS) for _ in range(5)]
+    await asyncio.sleep(max(0.0, 0.25 - (time.monotonic() - started)))  # past the whole second
+    after = [await limiter.check(who, "events", FIVE_PER_SECOND, NO_BLOCKS) for _ in range(5)]
+    elapsed = time.monotonic() - started
+    assert all(not r.refused for r in before)
+    admitted_after = sum(not r.refused for r in after)
+    assert admitted_after < 5  # not a fresh window
+    assert 5 + admitted_after <= 5 + int(elapsed * 5) + 1
+
+
+async def test_subjects_and_routes_count_apart(limiter: Limiter) -> None:
+    one, other = subject(), subject(Scope.USER)
+    for _ in range(3):
+        await limiter.check(one, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+    assert (await limiter.check(one, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).refused
+    assert not (await limiter.check(one, "wishlist", THREE_PER_MINUTE, NO_BLOCKS)).refused
+    assert not (await limiter.check(other, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).refused
+
+
+async def test_repeated_refusals_escalate_to_longer_blocks_on_every_route(
+    limiter: Limiter,
+) -> None:
+    who = subject()
+    policy = escalation(3, 500, 1500)
+    for _ in range(3):
+        await limiter.check(who, "feedback", THREE_PER_MINUTE, policy)
+    violations = [await limiter.check(who, "feedback", THREE_PER_MINUTE, policy) for _ in range(3)]
+    assert [v.verdict for v in violations] == [Verdict.LIMITED, Verdict.LIMITED, Verdict.BLOCKED]
+    assert [v.violations for v in violations] == [1, 2, 3]
+    started = violations[2]
+    assert started.started_block and started.block_level == 1
+    assert 400 < started.retry_after_ms <= 500
+
+    # Blocked on another route too, with the block's own remaining time.
+    elsewhere = await limiter.check(who, "reads", FIVE_PER_SECOND, policy)
+    assert elsewhere.verdict is Verdict.BLOCKED and not elsewhere.started_block
+    assert elsewhere.block_level == 1
+    assert 0 < elsewhere.retry_after_ms <= started.retry_after_ms
+
+    await asyncio.sleep(0.6)  # the first block ends
+    assert not (await limiter.check(who, "reads", FIVE_PER_SECOND, policy)).refused
+    again = [await limiter.check(who, "feedback", THREE_PER_MINUTE, policy) for _ in range(3)]
+    assert again[-1].started_block and again[-1].block_level == 2
+    assert 1400 < again[-1].retry_after_ms <= 1500  # the next step
+
+
+async def test_blocks_are_listed_and_lifted(limiter: Limiter) -> None:
+    who, bystander = subject(), subject()
+    policy = escalation(2, 60_000)
+    for _ in range(3):
+        await limiter.check(bystander, "feedback", THREE_PER_MINUTE, policy)
+    for _ in range(5):
+        await limiter.check(who, "feedback", THREE_PER_MINUTE, policy)
+    listed = {block.subject: block for block in await limiter.blocks()}
+    assert who in listed and bystander not in listed
+    assert listed[who].level == 1
+    assert 59_000 < listed[who].until_ms - time.time() * 1000 <= 60_500
+
+    assert await limiter.lift(who)
+    assert who not in {block.subject for block in await limiter.blocks()}
+    assert not (await limiter.check(who, "reads", FIVE_PER_SECOND, policy)).refused
+    assert not await limiter.lift(who)  # nothing left to lift
+    # Lifting forgave the history: the next block starts again at the first step.
+    for _ in range(5):
+        last = await limiter.check(who, "feedback", THREE_PER_MINUTE, policy)
+    assert last.block_level == 1
+
+
+async def test_redis_counts_exactly_across_replicas(quota_settings: SettingsFactory) -> None:
+    """Two limiters on two connections (two quota replicas) and 60 concurrent checks against
+    a limit of 10: exactly 10 pass."""
+    replicas = [ResilientRedis(quota_settings(), PerformanceMonitor()) for _ in range(2)]
+    try:
+        limiters = [RedisLimiter(r) for r in replicas]
+        who = subject()
+        limit = Limit(10, Unit.MINUTE)
+        results = await asyncio.gather(
+            *(limiters[i % 2].check(who, "generate", limit, NO_BLOCKS) for i in range(60))
+        )
+        assert sum(not r.refused for r in results) == 10
+        assert sorted(r.remaining for r in results if not r.refused) == list(range(10))
+    finally:
+        for r in replicas:
+            await r.close()
+
+
+async def test_redis_keys_of_one_subject_share_a_hash_tag(redis: ResilientRedis) -> None:
+    limiter = RedisLimiter(redis)
+    keys = limiter.keys(Subject(Scope.USER, "odd{user}%id"), "generate")
+    tags = {key[key.index("{") + 1 : key.index("}")] for key in keys}
+    assert len(tags) == 1
+    (tag,) = tags
+    assert "{" not in tag and "}" not in tag
+    assert limiter.keys(Subject(Scope.USER, "odd{user}%id2"), "generate")[0] != keys[0]
+
+
+async def test_fallback_engages_per_call_and_returns_to_redis(
+    quota_settings: SettingsFactory,
+) -> None:
+    redis = ResilientRedis(quota_settings(redis_cooldown_seconds=0.2), PerformanceMonitor())
+    try:
+        memory = MemoryLimiter()
+        limiter = FallbackLimiter(RedisLimiter(redis), memory)
+        who = subject()
+        for _ in range(redis.breaker.failure_threshold):
+            redis.breaker.record_failure()
+        assert not redis.available
+        assert (await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).remaining == 2
+        assert (await memory.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).remaining == 1
+
+        await asyncio.sleep(0.3)  # the cooldown passes; the next call probes Redis
+        assert (await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).remaining == 2
+        assert redis.available
+    finally:
+        await redis.close()
+
+
+async def test_lifting_while_redis_is_down_says_so(quota_settings: SettingsFactory) -> None:
+    redis = ResilientRedis(
+        quota_settings(redis_url="redis://127.0.0.1:1/0", redis_timeout_seconds=0.2),
+        PerformanceMonitor(),
+    )
+    try:
+        memory = MemoryLimiter()
+        limiter = FallbackLimiter(RedisLimiter(redis), memory)
+        who = subject()
+        policy = escalation(1, 60_000)
+        for _ in range(4):
+            await limiter.check(who, "feedback", THREE_PER_MINUTE, policy)
+        assert [b.backend for b in await limiter.blocks()] == ["memory"]
+        async with asyncio.timeout(5):
+            with pytest.raises(RedisUnavailable):
+                await limiter.lift(who)
+        assert await memory.blocks() == []  # lifted where it could be
+    finally:
+        await redis.close()
