@@ -90,6 +90,15 @@ class GatewaySettings(BaseSettings):
     hsts: bool = Field(default=False, alias="GATEWAY_HSTS")
     # Cap on open downstream connections across the listener.
     max_connections: int = Field(default=10000, ge=1, alias="GATEWAY_MAX_CONNECTIONS")
+    # Rate limits and blocks from the quota service (Envoy's rate limit service API); false
+    # turns the check off (the filter stays but asks nothing).
+    rate_limit: bool = Field(default=True, alias="GATEWAY_RATE_LIMIT")
+    # How long Envoy waits for the rate-limit decision before letting the request pass.
+    rate_limit_timeout_ms: int = Field(
+        default=100, ge=1, le=10_000, alias="GATEWAY_RATE_LIMIT_TIMEOUT_MS"
+    )
+    # Refuse requests (503) when no decision comes in time, instead of letting them pass.
+    rate_limit_fail_closed: bool = Field(default=False, alias="GATEWAY_RATE_LIMIT_FAIL_CLOSED")
     # Envoy worker threads (`--exec` only). 0 = Envoy's default, one per CPU of the machine,
     # which in a container means the node's CPUs, not the pod's limit: set it there.
     concurrency: int = Field(default=0, ge=0, le=256, alias="GATEWAY_CONCURRENCY")
@@ -165,6 +174,9 @@ def substitutions(settings: GatewaySettings) -> dict[str, str]:
         "MAX_REQUEST_BYTES": str(settings.max_request_bytes),
         "HSTS_VALUE": _q(HSTS_VALUE if settings.hsts else ""),
         "MAX_CONNECTIONS": str(settings.max_connections),
+        "RATE_LIMIT_TIMEOUT": _q(f"{settings.rate_limit_timeout_ms / 1000:g}s"),
+        "RATE_LIMIT_FAIL_CLOSED": _q(settings.rate_limit_fail_closed),
+        "RATE_LIMIT_PERCENT": "100" if settings.rate_limit else "0",
     }
 
 

@@ -86,17 +86,29 @@ class RunningMesh:
         return self.config.gateway_url
 
 
-@pytest.fixture(scope="session")
-def mesh(
-    database_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    span_collector: tuple[SpanCollector, str],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningMesh]:
-    collector, otlp_endpoint = span_collector
-    log_dir: Path = tmp_path_factory.mktemp("mesh-logs")
-    config = MeshConfig(
+# All e2e traffic comes from 127.0.0.1, one client network: the main mesh raises every rate
+# limit out of the way (tests/e2e/test_rate_limits.py runs a mesh with tight ones).
+UNLIMITED = {
+    f"RATE_LIMIT_{route}_PER_{scope}": "1000000/minute"
+    for route in (
+        "GENERATE",
+        "GENERATE_STREAM",
+        "FEEDBACK",
+        "WISHLIST",
+        "EVENTS",
+        "READS",
+        "ADMIN",
+        "DEFAULT",
+    )
+    for scope in ("IP", "USER")
+}
+
+
+def mesh_config(
+    database_url: str, redis_url: str, redis_prefix: str, log_dir: Path, **env: str
+) -> MeshConfig:
+    """The whole mesh on free ports, against this run's database and Redis prefix."""
+    return MeshConfig(
         database_url=database_url,
         redis_url=redis_url,
         redis_key_prefix=redis_prefix,
@@ -109,18 +121,37 @@ def mesh(
         metrics_ports={"generation": 0, "quota": 0, "telemetry": 0},
         log_dir=log_dir,
         extra_env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
             "SUPABASE_JWT_SECRET": JWT_SECRET,
             "GENMESH_ADMIN_TOKEN": ADMIN_TOKEN,
-            # All e2e traffic comes from 127.0.0.1: give guests room, and test exhaustion
-            # with signed-in users, whose limit is small.
-            "GUEST_DAILY_LIMIT": "100000",
-            "FREE_DAILY_LIMIT": str(FREE_DAILY_LIMIT),
             "HEALTH_PROBE_INTERVAL_SECONDS": "1",
             "STATS_PUBLISH_INTERVAL_SECONDS": "1",
             "LOG_LEVEL": "INFO",
+            **env,
         },
+    )
+
+
+@pytest.fixture(scope="session")
+def mesh(
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    span_collector: tuple[SpanCollector, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningMesh]:
+    collector, otlp_endpoint = span_collector
+    config = mesh_config(
+        database_url,
+        redis_url,
+        redis_prefix,
+        tmp_path_factory.mktemp("mesh-logs"),
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        # All e2e traffic comes from 127.0.0.1: give guests room, and test exhaustion
+        # with signed-in users, whose limit is small.
+        GUEST_DAILY_LIMIT="100000",
+        FREE_DAILY_LIMIT=str(FREE_DAILY_LIMIT),
+        **UNLIMITED,
     )
     running = Mesh(config)
     running.start()

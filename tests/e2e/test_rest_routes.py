@@ -124,6 +124,30 @@ def test_quota_exhaustion_is_429_with_a_real_retry_after(http: httpx.Client) -> 
     assert quota["used"] == FREE_DAILY_LIMIT
 
 
+def test_a_client_cannot_pick_its_ip_with_x_forwarded_for(http: httpx.Client) -> None:
+    """No proxy is trusted here (GATEWAY_TRUSTED_PROXY_HOPS=0): the guest is the TCP peer,
+    whatever X-Forwarded-For says, so a header cannot buy a fresh guest quota."""
+    before = http.get("/api/quota").json()["used"]
+    for spoofed in ("203.0.113.9", "2001:db8::1", "198.51.100.7, 203.0.113.10"):
+        r = http.post(
+            "/api/generate",
+            json={"text": f"spoof {uuid.uuid4()}"},
+            headers={"x-forwarded-for": spoofed},
+        )
+        assert r.status_code == 200, r.text
+    assert http.get("/api/quota", headers={"x-forwarded-for": "203.0.113.9"}).json()["used"] == (
+        before + 3
+    )
+
+
+def test_every_response_says_how_much_rate_limit_is_left(http: httpx.Client) -> None:
+    r = http.get("/api/quota")
+    assert r.headers["x-ratelimit-limit"].startswith("1000000, 1000000;w=60;")
+    assert 'name="reads.per_ip"' in r.headers["x-ratelimit-limit"]
+    assert int(r.headers["x-ratelimit-remaining"]) > 0
+    assert "retry-after" not in r.headers
+
+
 # -- quota and profile ---------------------------------------------------------------------
 
 

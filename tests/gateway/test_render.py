@@ -1,0 +1,331 @@
+"""The gateway's Envoy configuration as rendered from settings, and validated by the real Envoy
+binary."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+from pydantic import SecretStr, ValidationError
+
+from services.gateway.render import (
+    HSTS_VALUE,
+    GatewaySettings,
+    envoy_command,
+    render,
+    split_addr,
+)
+from tests.gateway.harness import (
+    PUBLIC_ROUTES,
+    REPO,
+    SECRET,
+    SECURITY_HEADERS,
+    SETTING_ENV,
+    TRANSCODED,
+    clusters,
+    endpoint,
+    envoy_validate,
+    hcm,
+    http_filter,
+    jwks_key,
+    load,
+)
+
+
+def test_defaults_render_to_the_documented_config(clean_env: pytest.MonkeyPatch) -> None:
+    config = load(render(GatewaySettings()))
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 9901,
+    }
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8080}
+    manager = hcm(config)
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 0
+    assert manager["generate_request_id"] is True
+    assert [f["name"] for f in manager["http_filters"]] == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.buffer",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.router",
+    ]
+    assert http_filter(config, "envoy.filters.http.buffer")["max_request_bytes"] == 8 * 1024 * 1024
+    transcoder = http_filter(config, "envoy.filters.http.grpc_json_transcoder")
+    assert transcoder["proto_descriptor"] == str(REPO / "gen" / "genmesh.pb")
+    assert transcoder["services"] == TRANSCODED
+    assert transcoder["convert_grpc_status"] is True
+    assert transcoder["auto_mapping"] is False
+    assert transcoder["match_incoming_request_route"] is False
+    assert transcoder["print_options"]["always_print_primitive_fields"] is True
+    assert transcoder["print_options"]["preserve_proto_field_names"] is True
+    assert transcoder["print_options"]["stream_sse_style_delimited"] is True
+    assert transcoder["request_validation_options"] == {
+        "reject_unknown_method": True,
+        "reject_unknown_query_parameters": True,
+    }
+    jwt_config = http_filter(config, "envoy.filters.http.jwt_authn")
+    provider = jwt_config["providers"]["supabase"]
+    assert provider["issuer"] == ""
+    assert provider["audiences"] == []
+    assert provider["claim_to_headers"] == [
+        {"header_name": "x-genmesh-user-id", "claim_name": "sub"},
+        {"header_name": "x-genmesh-user-email", "claim_name": "email"},
+    ]
+    # HSTS is off: its value is empty, and Envoy adds no header with an empty value.
+    mutations = http_filter(config, "envoy.filters.http.header_mutation")["mutations"]
+    values = {
+        m["append"]["header"]["key"]: m["append"]["header"]["value"]
+        for m in mutations["response_mutations"]
+        if "append" in m
+    }
+    assert values["strict-transport-security"] == ""
+    for name, value in SECURITY_HEADERS.items():
+        assert values[name] == value
+    # Rate limits: asked of the quota service before the body is read, failing open in 100 ms.
+    ratelimit = http_filter(config, "envoy.filters.http.ratelimit")
+    assert ratelimit["domain"] == "genmesh"
+    assert ratelimit["timeout"] == "0.1s"
+    assert ratelimit["failure_mode_deny"] is False
+    assert ratelimit["filter_enabled"]["default_value"]["numerator"] == 100
+    assert ratelimit["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03"
+    assert ratelimit["disable_x_envoy_ratelimited_header"] is True
+    service = ratelimit["rate_limit_service"]
+    assert service["grpc_service"]["envoy_grpc"]["cluster_name"] == "quota"
+    assert service["transport_api_version"] == "V3"
+    assert [[next(iter(a)) for a in limit["actions"]] for limit in ratelimit["rate_limits"]] == [
+        ["request_headers", "remote_address"],
+        ["request_headers", "request_headers"],
+    ]
+    assert ratelimit["rate_limits"][1]["actions"][1]["request_headers"] == {
+        "header_name": "x-genmesh-user-id",
+        "descriptor_key": "user",
+    }
+    upstreams = clusters(config)
+    assert endpoint(upstreams["generation"]) == ("127.0.0.1", 50051)
+    assert endpoint(upstreams["quota"]) == ("127.0.0.1", 50052)
+    assert endpoint(upstreams["telemetry"]) == ("127.0.0.1", 50053)
+
+
+def test_environment_overrides_every_setting(clean_env: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "GATEWAY_LISTEN_HOST": "0.0.0.0",
+        "GATEWAY_PORT": "18080",
+        "GATEWAY_ADMIN_HOST": "127.0.0.2",
+        "GATEWAY_ADMIN_PORT": "19901",
+        "GENERATION_ADDR": "generation.genmesh.svc.cluster.local:7001",
+        "QUOTA_ADDR": "[::1]:7002",
+        "TELEMETRY_ADDR": "10.0.0.3:7003",
+        "GATEWAY_DESCRIPTOR_SET": "/etc/genmesh/genmesh.pb",
+        "SUPABASE_JWT_SECRET": SECRET,
+        "GATEWAY_JWT_ISSUER": "https://example.supabase.co/auth/v1",
+        "GATEWAY_JWT_AUDIENCE": "authenticated, other",
+        "GATEWAY_TRUSTED_PROXY_HOPS": "2",
+        "GATEWAY_MAX_REQUEST_BYTES": "1048576",
+        "GATEWAY_HSTS": "true",
+        "GATEWAY_MAX_CONNECTIONS": "500",
+        "GATEWAY_RATE_LIMIT": "false",
+        "GATEWAY_RATE_LIMIT_TIMEOUT_MS": "250",
+        "GATEWAY_RATE_LIMIT_FAIL_CLOSED": "true",
+        "GATEWAY_LOG_LEVEL": "DEBUG",
+    }.items():
+        clean_env.setenv(name, value)
+    settings = GatewaySettings()
+    config = load(render(settings))
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18080}
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.2"
+    assert config["admin"]["address"]["socket_address"]["port_value"] == 19901
+    upstreams = clusters(config)
+    assert endpoint(upstreams["generation"]) == ("generation.genmesh.svc.cluster.local", 7001)
+    assert endpoint(upstreams["quota"]) == ("::1", 7002)
+    assert endpoint(upstreams["telemetry"]) == ("10.0.0.3", 7003)
+    assert all(
+        c["type"] == "STRICT_DNS" for name, c in upstreams.items() if name != "not_transcoded"
+    )
+    transcoder = http_filter(config, "envoy.filters.http.grpc_json_transcoder")
+    assert transcoder["proto_descriptor"] == "/etc/genmesh/genmesh.pb"
+    assert hcm(config)["xff_num_trusted_hops"] == 2
+    assert http_filter(config, "envoy.filters.http.buffer")["max_request_bytes"] == 1048576
+    provider = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["supabase"]
+    assert provider["issuer"] == "https://example.supabase.co/auth/v1"
+    assert provider["audiences"] == ["authenticated", "other"]
+    # The secret's UTF-8 bytes, base64url without padding.
+    key = jwks_key(config)
+    assert "=" not in key
+    assert base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)) == SECRET.encode()
+    assert HSTS_VALUE in render(settings)
+    overload = config["overload_manager"]["resource_monitors"][0]["typed_config"]
+    assert overload["max_active_downstream_connections"] == 500
+    ratelimit = http_filter(config, "envoy.filters.http.ratelimit")
+    assert ratelimit["filter_enabled"]["default_value"]["numerator"] == 0
+    assert ratelimit["timeout"] == "0.25s"
+    assert ratelimit["failure_mode_deny"] is True
+    assert envoy_command(settings, Path("/x.yaml"))[1:5] == [
+        "--config-path",
+        "/x.yaml",
+        "--log-level",
+        "debug",
+    ]
+
+
+def test_worker_threads_follow_the_setting(clean_env: pytest.MonkeyPatch) -> None:
+    assert "--concurrency" not in envoy_command(GatewaySettings(), Path("/x.yaml"))
+    clean_env.setenv("GATEWAY_CONCURRENCY", "2")
+    command = envoy_command(GatewaySettings(), Path("/x.yaml"))
+    assert command[command.index("--concurrency") + 1] == "2"
+
+
+def test_without_a_secret_the_key_is_random_and_unknown(clean_env: pytest.MonkeyPatch) -> None:
+    first = jwks_key(load(render(GatewaySettings())))
+    second = jwks_key(load(render(GatewaySettings())))
+    assert first != second
+    assert len(base64.urlsafe_b64decode(first + "=" * (-len(first) % 4))) == 32
+
+
+def test_strings_cannot_break_out_of_the_yaml(clean_env: pytest.MonkeyPatch) -> None:
+    tricky = 'a"b\\c\n  injected: true'
+    settings = GatewaySettings(SUPABASE_JWT_SECRET=SecretStr(tricky), GATEWAY_JWT_ISSUER=tricky)
+    config = load(render(settings))
+    provider = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["supabase"]
+    assert provider["issuer"] == tricky
+    key = jwks_key(config)
+    assert base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)) == tricky.encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GENERATION_ADDR", "no-port"),
+        ("QUOTA_ADDR", "host:99999"),
+        ("TELEMETRY_ADDR", "bad host:1"),
+        ("GATEWAY_LISTEN_HOST", "0.0.0.0\n"),
+        ("GATEWAY_PORT", "0"),
+        ("GATEWAY_TRUSTED_PROXY_HOPS", "-1"),
+        ("GATEWAY_LOG_LEVEL", "loud"),
+    ],
+)
+def test_invalid_settings_are_refused(clean_env: pytest.MonkeyPatch, name: str, value: str) -> None:
+    clean_env.setenv(name, value)
+    with pytest.raises(ValidationError):
+        GatewaySettings()
+
+
+def test_split_addr() -> None:
+    assert split_addr("127.0.0.1:50051") == ("127.0.0.1", 50051)
+    assert split_addr("[fd00::2]:80") == ("fd00::2", 80)
+    assert split_addr("quota:50052") == ("quota", 50052)
+
+
+def test_relative_descriptor_path_is_made_absolute(clean_env: pytest.MonkeyPatch) -> None:
+    settings = GatewaySettings(GATEWAY_DESCRIPTOR_SET=Path("gen/genmesh.pb"))
+    assert settings.descriptor_set == REPO / "gen" / "genmesh.pb"
+
+
+def test_routes_are_exactly_the_annotated_methods(descriptor_set: Path) -> None:
+    """Every method with a google.api.http rule has a route, and nothing else has one: adding an
+    RPC to a proto without a route here (or routing an internal one) fails this test."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
+    annotated = set()
+    for file in fds.file:
+        for service in file.service:
+            if f"{file.package}.{service.name}" not in TRANSCODED:
+                continue
+            for rpc in service.method:
+                if rpc.options.HasExtension(annotations_pb2.http):
+                    annotated.add(f"/{file.package}.{service.name}/{rpc.name}")
+    config = load(render(GatewaySettings(SUPABASE_JWT_SECRET=SecretStr(SECRET))))
+    vhost = hcm(config)["route_config"]["virtual_hosts"][0]
+    routed = {r["match"]["path"]: r for r in vhost["routes"] if "path" in r["match"]}
+    assert set(routed) == annotated == set(PUBLIC_ROUTES)
+    for path, (cluster, timeout) in PUBLIC_ROUTES.items():
+        route = routed[path]
+        assert route["route"]["cluster"] == cluster
+        assert route["route"]["timeout"] == timeout
+        # Only requests the transcoder produced: raw gRPC requests match nothing.
+        assert route["match"]["headers"] == [
+            {"name": "x-envoy-original-path", "present_match": True}
+        ]
+        retry_on = set(route["route"]["retry_policy"]["retry_on"].split(","))
+        assert retry_on <= {"connect-failure", "refused-stream", "reset", "unavailable"}
+    # Writes that are not idempotent retry only when the service never saw the request.
+    for method in ("Generate", "StreamGenerate"):
+        policy = routed[f"/genmesh.generation.v1.GenerationService/{method}"]["route"]
+        assert policy["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
+    feedback = routed["/genmesh.telemetry.v1.TelemetryService/SubmitFeedback"]["route"]
+    assert feedback["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
+    # The only other route is the /api/ marker, which leads to a cluster with no endpoints.
+    others = [r for r in vhost["routes"] if "path" not in r["match"]]
+    assert len(others) == 1
+    assert others[0]["match"]["prefix"] == "/api/"
+    assert others[0]["route"]["cluster"] == "not_transcoded"
+    nowhere = clusters(config)["not_transcoded"]
+    assert nowhere["load_assignment"] == {"cluster_name": "not_transcoded"}
+
+
+def test_clusters_speak_http2_and_health_check_their_service(clean_env: pytest.MonkeyPatch) -> None:
+    services = {
+        "generation": "genmesh.generation.v1.GenerationService",
+        "quota": "genmesh.quota.v1.QuotaService",
+        "telemetry": "genmesh.telemetry.v1.TelemetryService",
+    }
+    for name, cluster in clusters(load(render(GatewaySettings()))).items():
+        if name == "not_transcoded":
+            continue
+        options = cluster["typed_extension_protocol_options"]
+        http = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        assert "http2_protocol_options" in http["explicit_http_config"]
+        (check,) = cluster["health_checks"]
+        assert check["grpc_health_check"] == {"service_name": services[name]}
+        assert check["interval"] == "2s"
+        thresholds = cluster["circuit_breakers"]["thresholds"][0]
+        assert thresholds["max_requests"] > 0
+        assert thresholds["max_pending_requests"] > 0
+
+
+@pytest.mark.parametrize("variant", ["defaults", "overrides", "no-secret"])
+def test_envoy_accepts_the_rendered_config(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, descriptor_set: Path, variant: str
+) -> None:
+    clean_env.setenv("GATEWAY_DESCRIPTOR_SET", str(descriptor_set))
+    if variant != "no-secret":
+        clean_env.setenv("SUPABASE_JWT_SECRET", SECRET)
+    if variant == "overrides":
+        clean_env.setenv("GATEWAY_HSTS", "true")
+        clean_env.setenv("GATEWAY_TRUSTED_PROXY_HOPS", "1")
+        clean_env.setenv("GATEWAY_JWT_AUDIENCE", "authenticated")
+        clean_env.setenv("GATEWAY_JWT_ISSUER", "https://example.supabase.co/auth/v1")
+        clean_env.setenv("GENERATION_ADDR", "generation:50051")
+        clean_env.setenv("GATEWAY_LISTEN_HOST", "0.0.0.0")
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render(GatewaySettings()))
+    result = envoy_validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_cli_writes_an_owner_only_file(tmp_path: Path, descriptor_set: Path) -> None:
+    out = tmp_path / "sub" / "envoy.yaml"
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_ENV}
+    env |= {"SUPABASE_JWT_SECRET": SECRET, "GATEWAY_PORT": "18081"}
+    subprocess.run(
+        [sys.executable, "-m", "services.gateway.render", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    # It holds the JWT secret.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    config = load(out.read_text())
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"]["port_value"] == 18081
