@@ -1,25 +1,31 @@
 """`make bench`: start a private mesh (own database, own Redis prefix, free ports, the
-simulator as upstream) and drive the REST surface through Envoy on 127.0.0.1 with bounded
-request counts, then print throughput and latency percentiles per scenario.
+simulator as upstream) and print, from one run:
+
+1. the REST scenarios: bounded request counts through Envoy on 127.0.0.1, throughput and
+   latency percentiles per scenario (bench/scenarios.py);
+2. rate-limit decisions per second of one quota process, over gRPC (bench/ratelimit.py);
+3. the cost of the rate limits on the cache-hit generate path: the mesh's Envoy (limits on)
+   against a second Envoy with GATEWAY_RATE_LIMIT=false, driven alternately with wrk, with
+   each process's CPU time per request (bench/ratelimit.py; skipped without wrk).
+
+Every rate limit is raised so that no bench request is refused.
 
 Settings: BENCH_REQUESTS (per scenario, default 400), BENCH_CONCURRENCY (default 16),
-BENCH_SIM_LATENCY_MS (upstream latency the simulator adds, default 50)."""
+BENCH_SIM_LATENCY_MS (upstream latency the simulator adds, default 50), BENCH_RLS_SECONDS
+(each decisions run, default 4), BENCH_WRK_SECONDS (each wrk run, default 8)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from bench import ratelimit, wrk
+from bench.envoy import Gateway, extra_gateway
+from bench.scenarios import print_scenarios
 from devstack import infra
 from devstack.mesh import Mesh, MeshConfig
 from services.common.migrations import create_database_if_missing, migrate
@@ -27,89 +33,15 @@ from services.common.migrations import create_database_if_missing, migrate
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "400"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "16"))
 SIM_LATENCY_MS = int(os.environ.get("BENCH_SIM_LATENCY_MS", "50"))
-
-
-@dataclass
-class Result:
-    name: str
-    latencies_ms: list[float]
-    errors: int
-    seconds: float
-
-    def row(self) -> str:
-        lat = sorted(self.latencies_ms) or [0.0]
-
-        def pct(p: float) -> float:
-            return lat[min(len(lat) - 1, int(p * len(lat)))]
-
-        rps = len(self.latencies_ms) / self.seconds if self.seconds else 0.0
-        return (
-            f"{self.name:<28} {len(self.latencies_ms):>6} {self.errors:>6} {rps:>9.1f} "
-            f"{statistics.median(lat):>8.1f} {pct(0.95):>8.1f} {pct(0.99):>8.1f}"
-        )
-
-
-Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
-
-
-async def run_scenario(base_url: str, name: str, make: Request, requests: int) -> Result:
-    latencies: list[float] = []
-    errors = 0
-    counter = iter(range(requests))
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
-
-        async def worker() -> None:
-            nonlocal errors
-            for i in counter:
-                started = time.perf_counter()
-                try:
-                    r = await make(client, i)
-                    ok = r.status_code < 400
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append((time.perf_counter() - started) * 1000)
-                else:
-                    errors += 1
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return Result(name, latencies, errors, time.perf_counter() - began)
-
-
-def scenarios() -> list[tuple[str, Request, int]]:
-    run = uuid.uuid4().hex[:8]
-
-    def events(i: int) -> dict[str, object]:
-        return {
-            "events": [
-                {"event_id": str(uuid.uuid4()), "event": "page_view", "session_id": f"s{i}"}
-                for _ in range(10)
-            ]
-        }
-
-    return [
-        ("GET /api/health", lambda c, i: c.get("/api/health"), REQUESTS // 4),
-        ("GET /api/quota", lambda c, i: c.get("/api/quota"), REQUESTS),
-        (
-            "POST /api/generate (miss)",
-            lambda c, i: c.post("/api/generate", json={"text": f"bench {run} {i}"}),
-            REQUESTS,
-        ),
-        (
-            "POST /api/generate (hit)",
-            lambda c, i: c.post("/api/generate", json={"text": f"bench {run} {i % 10}"}),
-            REQUESTS,
-        ),
-        (
-            "POST /api/feedback",
-            lambda c, i: c.post("/api/feedback", json={"rating": 1 + i % 5, "comment": "bench"}),
-            REQUESTS,
-        ),
-        ("POST /api/events (10/req)", lambda c, i: c.post("/api/events", json=events(i)), REQUESTS),
-    ]
+RLS_SECONDS = float(os.environ.get("BENCH_RLS_SECONDS", "4"))
+WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
+# Alternating runs per variant: the medians of 3 resist one disturbed run.
+ROUNDS = 3
+RLS_WARMUP_SECONDS = 1.0
+WRK_WARMUP_SECONDS = 2.0
+# Daily guest quota: every generate request, cache hits included, reserves a unit, and the
+# wrk runs send tens of thousands from 127.0.0.1.
+GUEST_DAILY_LIMIT = 1_000_000_000
 
 
 async def prepare_database(server_url: str, name: str) -> str:
@@ -117,6 +49,51 @@ async def prepare_database(server_url: str, name: str) -> str:
     await create_database_if_missing(url)
     await migrate(url)
     return url
+
+
+def pid_of(mesh: Mesh, name: str) -> int:
+    return next(child.process.pid for child in mesh.children if child.name == name)
+
+
+def bench_rate_limits(mesh: Mesh, redis: infra.Server | None, scratch: Path) -> None:
+    config = mesh.config
+    print(ratelimit.NOTE.format(cores=os.cpu_count()))
+    print()
+    runs = asyncio.run(
+        ratelimit.measure_decisions(
+            config.quota_addr, pid_of(mesh, "quota"), ROUNDS, RLS_SECONDS, RLS_WARMUP_SECONDS
+        )
+    )
+    ratelimit.print_decisions(runs, RLS_SECONDS)
+    print()
+
+    wrk_binary = wrk.binary()
+    if wrk_binary is None:
+        print(wrk.INSTALL_HINT)
+        return
+    on = Gateway(
+        "limits on",
+        config.gateway_url,
+        f"http://127.0.0.1:{config.gateway_admin_port}",
+        pid_of(mesh, "envoy"),
+    )
+    services = {name: pid_of(mesh, name) for name in ("quota", "generation")}
+    if redis is not None and redis.process is not None:
+        # Only a Redis we started: a shared one's CPU would include other people's traffic.
+        services["redis"] = redis.process.pid
+    overrides = {"GATEWAY_RATE_LIMIT": "false"}
+    with extra_gateway(config, "limits off", overrides, scratch / "envoy-off") as off:
+        report = ratelimit.measure_cost(
+            wrk_binary,
+            on,
+            off,
+            services,
+            scratch,
+            ROUNDS,
+            WRK_SECONDS,
+            WRK_WARMUP_SECONDS,
+        )
+    ratelimit.print_cost(report)
 
 
 def main() -> int:
@@ -141,11 +118,16 @@ def main() -> int:
             metrics_ports={"generation": 0, "quota": 0, "telemetry": 0},
             log_dir=scratch / "logs",
             extra_env={
-                "GUEST_DAILY_LIMIT": str(REQUESTS * 10),
-                "GEN_MAX_INFLIGHT": str(max(25, CONCURRENCY * 2)),
+                "GUEST_DAILY_LIMIT": str(GUEST_DAILY_LIMIT),
+                # wrk keeps WRK_CONNECTIONS generations in flight; none may be shed (503).
+                "GEN_MAX_INFLIGHT": str(max(25, CONCURRENCY * 2, ratelimit.WRK_CONNECTIONS * 2)),
                 "SIM_LATENCY_MS": str(SIM_LATENCY_MS),
                 "SIM_STREAM_CHUNK_DELAY_MS": "0",
                 "LOG_LEVEL": "WARNING",
+                # The mesh's Envoy asks for rate-limit decisions whatever the caller's
+                # environment says; the second Envoy turns them off.
+                "GATEWAY_RATE_LIMIT": "true",
+                **ratelimit.raised_limits_env(),
             },
         )
         print(f"==> starting a private mesh (logs in {config.log_dir})", flush=True)
@@ -153,19 +135,14 @@ def main() -> int:
         mesh.start()
         print(
             f"==> {REQUESTS} requests per scenario, concurrency {CONCURRENCY}, "
-            f"simulated upstream latency {SIM_LATENCY_MS} ms, {os.cpu_count()} cores\n"
+            f"simulated upstream latency {SIM_LATENCY_MS} ms, {os.cpu_count()} cores, "
+            f"every rate limit raised to {ratelimit.RAISED_LIMIT}\n"
         )
-        header = (
-            f"{'scenario':<28} {'ok':>6} {'errors':>6} {'req/s':>9} "
-            f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
-        )
-        print(header)
-        print("-" * len(header))
-        for name, make, count in scenarios():
-            result = asyncio.run(run_scenario(config.gateway_url, name, make, count))
-            print(result.row(), flush=True)
+        print_scenarios(config.gateway_url, REQUESTS, CONCURRENCY)
+        print()
+        bench_rate_limits(mesh, rd, scratch)
         return 0
-    except infra.InfraError as err:
+    except (infra.InfraError, ratelimit.BenchError, wrk.WrkError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
     finally:

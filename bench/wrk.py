@@ -1,0 +1,122 @@
+"""Running wrk (https://github.com/wg/wrk) and reading its report.
+
+wrk, not a Python client: one Python process cannot load Envoy enough to show a few
+microseconds of extra work per request, and its own CPU would compete with the mesh for the
+same cores. wrk sends HTTP/1.1 keep-alive requests from a fixed number of connections.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+INSTALL_HINT = (
+    "wrk is not installed, so the gateway comparison is skipped: "
+    "apt-get install wrk (Debian/Ubuntu) or brew install wrk (macOS), then run make bench again"
+)
+
+# wrk prints durations with these units (src/units.c: us, ms, s, then m and h).
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_TIME = r"([\d.]+)(us|ms|s|m|h)"
+_PERCENTILE = re.compile(rf"^\s*(50|99)%\s+{_TIME}\s*$", re.MULTILINE)
+_REQUESTS = re.compile(rf"^\s*(\d+) requests in {_TIME},", re.MULTILINE)
+_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)\s*$", re.MULTILINE)
+# wrk counts a response as an error when its status is above 399 (it calls them "Non-2xx or
+# 3xx responses"); this API answers 1xx/3xx never, so the count is the non-2xx count.
+_NON_2XX = re.compile(r"^\s*Non-2xx or 3xx responses: (\d+)\s*$", re.MULTILINE)
+_SOCKET_ERRORS = re.compile(
+    r"^\s*Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)\s*$", re.MULTILINE
+)
+
+
+class WrkError(RuntimeError):
+    """wrk failed or printed something this module cannot read; the message holds its output."""
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    # connect + read + write errors and timeouts (requests slower than wrk's --timeout).
+    socket_errors: int
+
+
+def binary() -> str | None:
+    return shutil.which("wrk")
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * _UNIT_MS[unit]
+
+
+def parse(output: str) -> WrkResult:
+    """Read the report `wrk --latency` prints."""
+    percentiles = {m[1]: _ms(m[2], m[3]) for m in _PERCENTILE.finditer(output)}
+    requests = _REQUESTS.search(output)
+    rps = _RPS.search(output)
+    if requests is None or rps is None or set(percentiles) != {"50", "99"}:
+        raise WrkError(f"unexpected wrk output (was --latency given?):\n{output}")
+    non_2xx = _NON_2XX.search(output)
+    socket_errors = _SOCKET_ERRORS.search(output)
+    return WrkResult(
+        requests=int(requests[1]),
+        seconds=_ms(requests[2], requests[3]) / 1000,
+        rps=float(rps[1]),
+        p50_ms=percentiles["50"],
+        p99_ms=percentiles["99"],
+        non_2xx=int(non_2xx[1]) if non_2xx else 0,
+        socket_errors=sum(map(int, socket_errors.groups())) if socket_errors else 0,
+    )
+
+
+def post_json_script(body: str) -> str:
+    """A wrk Lua script sending `body` as a JSON POST on every request. The body goes in a
+    Lua long bracket string (no escapes to get wrong), of a level its text does not close."""
+    level = 0
+    while f"]{'=' * level}]" in body:
+        level += 1
+    eq = "=" * level
+    return (
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [{eq}[{body}]{eq}]\n"
+    )
+
+
+def write_post_json_script(path: Path, body: str) -> Path:
+    path.write_text(post_json_script(body))
+    return path
+
+
+def run(
+    wrk: str,
+    url: str,
+    script: Path,
+    seconds: float,
+    threads: int = 2,
+    connections: int = 32,
+) -> WrkResult:
+    """One wrk run against `url`; raises WrkError when wrk fails."""
+    command = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    if done.returncode != 0:
+        raise WrkError(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr}")
+    return parse(done.stdout)
