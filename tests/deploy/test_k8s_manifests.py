@@ -215,7 +215,7 @@ def test_services_get_exactly_the_secret_keys_they_need(rendered):
         return keys
 
     assert secret_keys("generation") == {"REDIS_URL", "OPENAI_API_KEY", "GENMESH_ADMIN_TOKEN"}
-    assert secret_keys("quota") == {"DATABASE_URL", "REDIS_URL"}
+    assert secret_keys("quota") == {"DATABASE_URL", "REDIS_URL", "GENMESH_ADMIN_TOKEN"}
     assert secret_keys("telemetry") == {"DATABASE_URL", "REDIS_URL"}
     assert secret_keys("gateway") == {"SUPABASE_JWT_SECRET"}
     assert secret_keys("migrate") == {"DATABASE_URL"}
@@ -470,6 +470,7 @@ def expected_flows(datastores: str) -> set[Connection]:
         c("gateway", "telemetry", 50053),
         c("generation", "quota", 50052),
         c("generation", "telemetry", 50053),
+        c("quota", "telemetry", 50053),
         c("generation", "internet", 443),
         c("generation", "internet-v6", 443),
         c("telemetry", "generation", 50051),
@@ -530,7 +531,7 @@ def test_only_envoy_and_the_data_flow_reach_grpc_ports(rendered):
     callers = {
         "generation": {"gateway", "telemetry"},
         "quota": {"gateway", "generation", "telemetry"},
-        "telemetry": {"gateway", "generation"},
+        "telemetry": {"gateway", "generation", "quota"},
     }
     for name, expected_callers in callers.items():
         port = SERVICES[name].grpc_port

@@ -45,6 +45,22 @@ def test_the_shipped_file_covers_every_route_of_the_issue() -> None:
     assert config.escalation.blocks_ms == (60_000, 600_000, 3_600_000)
 
 
+def test_the_readme_table_is_the_shipped_file() -> None:
+    """The README's table of default limits says what limits.yaml says."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| route | REST paths | per IP | per user |", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for row in table.strip().splitlines()[1:]:
+        name, _, per_ip, per_user = (cell.strip() for cell in row.strip("|").split("|"))
+        documented[name] = (per_ip, per_user)
+    config = load_config()
+    shipped_limits = {
+        route.name: (str(route.per_ip), str(route.per_user))
+        for route in (*config.routes, config.default)
+    }
+    assert documented == shipped_limits
+
+
 def test_routes_match_exact_paths_then_the_longest_prefix_then_the_default() -> None:
     config = load_config()
     assert config.route_for("/api/generate").name == "generate"
