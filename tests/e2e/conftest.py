@@ -126,6 +126,11 @@ def mesh_config(
             "HEALTH_PROBE_INTERVAL_SECONDS": "1",
             "STATS_PUBLISH_INTERVAL_SECONDS": "1",
             "LOG_LEVEL": "INFO",
+            # The database is shared with the quota tests, which age reservation rows on
+            # purpose and count what their own sweeps expire and prune: a mesh's sweeper
+            # must not take those rows first (a test that needs a short TTL sets its own).
+            "QUOTA_RESERVATION_TTL_SECONDS": str(30 * 86400),
+            "QUOTA_SETTLED_RETENTION_SECONDS": str(400 * 86400),
             **env,
         },
     )

@@ -201,9 +201,10 @@ def test_no_fresh_burst_at_a_window_edge(gateway: httpx.Client) -> None:
     after = [events().status_code for _ in range(5)]
     elapsed = time.monotonic() - started
     assert before == [200] * 5
+    # Only what refilled since the burst began (one every 0.2 s), never a fresh 5: with
+    # fixed windows all 5 would pass after the whole second.
     admitted = after.count(200)
-    assert admitted < 5
-    assert admitted <= int(elapsed * 5) + 1
+    assert admitted <= int(elapsed * 5) + 1, (elapsed, after)
     assert set(after) <= {200, 429}
 
 
