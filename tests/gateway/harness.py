@@ -314,8 +314,7 @@ async def start_gateway(
         GATEWAY_DESCRIPTOR_SET=DEFAULT_DESCRIPTOR_SET,
         SUPABASE_JWT_SECRET=SecretStr(secret),
         GATEWAY_MAX_REQUEST_BYTES=max_request_bytes,
-        GATEWAY_LOG_LEVEL="warning",
-        **overrides,
+        **{"GATEWAY_LOG_LEVEL": "warning", **overrides},
     )
     config = directory / "envoy.yaml"
     config.write_text(render(settings))

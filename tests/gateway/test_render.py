@@ -268,6 +268,8 @@ def test_routes_are_exactly_the_annotated_methods(descriptor_set: Path) -> None:
     assert len(others) == 1
     assert others[0]["match"]["prefix"] == "/api/"
     assert others[0]["route"]["cluster"] == "not_transcoded"
+    # While the rate limit filter waits, the stream may hold a whole body (up to the limit).
+    assert others[0]["request_body_buffer_limit"] == 8 * 1024 * 1024
     nowhere = clusters(config)["not_transcoded"]
     assert nowhere["load_assignment"] == {"cluster_name": "not_transcoded"}
 
