@@ -82,7 +82,7 @@ def bench_rate_limits(mesh: Mesh, redis: infra.Server | None, scratch: Path) -> 
         # Only a Redis we started: a shared one's CPU would include other people's traffic.
         services["redis"] = redis.process.pid
     overrides = {"GATEWAY_RATE_LIMIT": "false"}
-    with extra_gateway(config, "limits off", overrides, scratch / "envoy-off") as off:
+    with extra_gateway(mesh, "limits off", overrides) as off:
         report = ratelimit.measure_cost(
             wrk_binary,
             on,

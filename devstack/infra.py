@@ -176,16 +176,9 @@ def redis(scratch: Path) -> Server | None:
     return private_redis(scratch)
 
 
-def private_redis(scratch: Path, port: int | None = None) -> Server | None:
-    """A throwaway Redis server from the installed binary, or None when there is none.
-    `port` restarts one where an earlier one listened (tests of a Redis outage)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    workdir = scratch / "redis"
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    proc = subprocess.Popen(
+def _redis_server(binary: str, port: int, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A redis-server on loopback that keeps nothing on disk, logging into `workdir`."""
+    return subprocess.Popen(
         [
             binary,
             "--bind",
@@ -198,11 +191,24 @@ def private_redis(scratch: Path, port: int | None = None) -> Server | None:
             "no",
             "--dir",
             str(workdir),
+            *extra,
         ],
         stdout=(workdir / "redis.log").open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def private_redis(scratch: Path, port: int | None = None) -> Server | None:
+    """A throwaway Redis server from the installed binary, or None when there is none.
+    `port` restarts one where an earlier one listened (tests of a Redis outage)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    workdir = scratch / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    proc = _redis_server(binary, port, workdir)
     _wait_port(port, proc, "redis-server")
     return Server("redis", f"redis://127.0.0.1:{port}/0", "private", process=proc, workdir=workdir)
 
@@ -236,28 +242,9 @@ def private_redis_cluster(scratch: Path, size: int = 3) -> PrivateRedisCluster:
         for _ in range(size):
             port = _free_cluster_port()
             workdir = Path(tempfile.mkdtemp(prefix=f"redis-cluster-{port}-", dir=scratch))
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(workdir / "nodes.conf"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(workdir),
-                ],
-                stdout=(workdir / "redis.log").open("wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            cluster_mode = ["--cluster-enabled", "yes"]
+            cluster_mode += ["--cluster-config-file", str(workdir / "nodes.conf")]
+            proc = _redis_server(binary, port, workdir, *cluster_mode)
             url = f"redis://127.0.0.1:{port}/0"
             nodes.append(Server("redis", url, "private", process=proc, workdir=workdir))
             ports.append(port)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,18 +222,28 @@ class Mesh:
 
     def _start_envoy(self) -> None:
         c = self.config
+        self.start_gateway("envoy", c.gateway_port, c.gateway_admin_port)
+
+    def start_gateway(
+        self, name: str, port: int, admin_port: int, overrides: Mapping[str, str] | None = None
+    ) -> Child:
+        """An Envoy in front of the services, run as in the container (render the config from
+        the environment, then become Envoy), with `overrides` on top of that environment;
+        returned once it routes. The mesh's own is one; `make bench` starts another with
+        different settings. `stop()` stops it with the rest, `stop_child()` before."""
+        c = self.config
         env = self._base_env()
         env.update(
             {
                 "GATEWAY_LISTEN_HOST": c.gateway_host,
-                "GATEWAY_PORT": str(c.gateway_port),
-                "GATEWAY_ADMIN_PORT": str(c.gateway_admin_port),
+                "GATEWAY_PORT": str(port),
+                "GATEWAY_ADMIN_PORT": str(admin_port),
+                **(overrides or {}),
             }
         )
-        config_path = c.log_dir.parent / f"envoy-{c.gateway_port}.yaml"
-        # As in the container: render the config from the environment, then become Envoy.
+        config_path = c.log_dir.parent / f"envoy-{port}.yaml"
         child = self._spawn(
-            "envoy",
+            name,
             [
                 sys.executable,
                 "-m",
@@ -243,7 +254,7 @@ class Mesh:
             ],
             env,
         )
-        admin = f"http://127.0.0.1:{c.gateway_admin_port}"
+        admin = f"http://127.0.0.1:{admin_port}"
         self._wait_http(child, f"{admin}/ready", expect="LIVE")
         # Envoy routes only to hosts its gRPC health checks have seen SERVING.
         deadline = time.monotonic() + 30
@@ -252,9 +263,23 @@ class Mesh:
                 lines = reply.read().decode().splitlines()
             flags = [line for line in lines if "::health_flags::" in line]
             if flags and all(line.endswith("::healthy") for line in flags):
-                return
+                return child
             time.sleep(0.2)
-        raise InfraError("Envoy's upstream clusters did not all become healthy within 30s")
+        raise InfraError(f"{name}: Envoy's upstream clusters did not all become healthy in 30s")
+
+    def stop_child(self, child: Child) -> None:
+        """Stop one child now (SIGTERM, then SIGKILL after the timeout)."""
+        if child.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+        try:
+            child.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait()
+        if child in self.children:
+            self.children.remove(child)
 
     def stop(self) -> None:
         """SIGTERM in reverse start order (Envoy first, so no new requests arrive), then wait;

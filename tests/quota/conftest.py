@@ -14,7 +14,10 @@ import grpc
 import pytest
 
 from genmesh.quota.v1 import quota_pb2_grpc
+from services.common.db import Database
 from services.common.identity import CLIENT_IP_HEADER, USER_EMAIL_HEADER, USER_ID_HEADER
+from services.common.perf import PerformanceMonitor
+from services.common.redis import ResilientRedis
 from services.common.server import GrpcService
 from services.quota.app import create_service
 from services.quota.clock import QuotaClock
@@ -96,6 +99,22 @@ class SettingsFactory:
 @pytest.fixture
 def quota_settings(database_url: str, redis_url: str, redis_prefix: str) -> SettingsFactory:
     return SettingsFactory(database_url, redis_url, redis_prefix)
+
+
+@pytest.fixture
+async def redis(quota_settings: SettingsFactory) -> AsyncIterator[ResilientRedis]:
+    """The shared resilient client on this run's Redis and key prefix."""
+    client = ResilientRedis(quota_settings(), PerformanceMonitor())
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def database(quota_settings: SettingsFactory) -> AsyncIterator[Database]:
+    """The shared PostgreSQL client on this run's database."""
+    db = Database(quota_settings(), PerformanceMonitor())
+    yield db
+    await db.close()
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -36,13 +35,6 @@ def escalation(violations: int = 3, *blocks_ms: int) -> Escalation:
 
 def subject(scope: Scope = Scope.IP) -> Subject:
     return Subject(scope, f"198.51.100.{uuid.uuid4().int % 250}-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture
-async def redis(quota_settings: SettingsFactory) -> AsyncIterator[ResilientRedis]:
-    client = ResilientRedis(quota_settings(), PerformanceMonitor())
-    yield client
-    await client.close()
 
 
 @pytest.fixture(params=["redis", "memory"])

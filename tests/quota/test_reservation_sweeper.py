@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
@@ -46,13 +45,6 @@ TTL = 3600.0  # far longer than this run, so only rows a test ages on purpose ar
 RETENTION = 86400.0
 LIMITS = QuotaLimits(GUEST_LIMIT, FREE_LIMIT, PRO_LIMIT)
 TIMEOUT = 10
-
-
-@pytest.fixture
-async def database(quota_settings: SettingsFactory) -> AsyncIterator[Database]:
-    db = Database(quota_settings(), PerformanceMonitor())
-    yield db
-    await db.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
@@ -37,20 +36,6 @@ from tests.quota.conftest import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def redis(quota_settings: SettingsFactory) -> AsyncIterator[ResilientRedis]:
-    client = ResilientRedis(quota_settings(), PerformanceMonitor())
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def database(quota_settings: SettingsFactory) -> AsyncIterator[Database]:
-    db = Database(quota_settings(), PerformanceMonitor())
-    yield db
-    await db.close()
 
 
 # -- Redis guest store ---------------------------------------------------------------------------
