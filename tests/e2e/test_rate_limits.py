@@ -151,11 +151,11 @@ def test_per_ip_limit_with_headers_and_a_retry_after_that_counts_down(
     assert reason(refused) == "RATE_LIMITED"  # not QUOTA_EXHAUSTED
     assert metadata(refused) == {"limit": "feedback", "scope": "ip", "policy": "2/minute"}
     waited = int(refused.headers["retry-after"])
-    assert 28 <= waited <= 30  # one request comes back every 30 s
+    assert 20 <= waited <= 30  # one request comes back every 30 s
     time.sleep(1.2)
     later = feedback(gateway, ip)
     assert later.status_code == 429
-    assert int(later.headers["retry-after"]) == waited - 1
+    assert waited - 5 <= int(later.headers["retry-after"]) < waited  # it counts down
     # Another client network is not affected.
     assert feedback(gateway, fresh_ipv4()).status_code == 200
 
@@ -177,7 +177,7 @@ def test_per_user_limit_follows_the_user_across_networks(gateway: httpx.Client) 
     refused = join(fresh_ipv4())
     assert refused.status_code == 429
     assert metadata(refused)["scope"] == "user"
-    assert 28 <= int(refused.headers["retry-after"]) <= 30
+    assert 20 <= int(refused.headers["retry-after"]) <= 30
     # A guest on the same network is not that user.
     assert gateway.post(
         "/api/wishlist", json={"email": f"{uuid.uuid4().hex[:10]}@example.com"}

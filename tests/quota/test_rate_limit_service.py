@@ -107,9 +107,11 @@ async def test_over_the_limit_the_answer_is_a_429_body_and_a_retry_after(
     assert response.overall_code == OVER_LIMIT
     (status,) = response.statuses
     assert status.code == OVER_LIMIT and status.limit_remaining == 0
-    assert 19 <= status.duration_until_reset.seconds <= 20
+    # One request comes back every 20 s, less the time these calls took.
+    assert 15 <= status.duration_until_reset.seconds <= 20
     headers = {h.key: h.value for h in response.response_headers_to_add}
-    assert headers == {"retry-after": "20"}
+    assert list(headers) == ["retry-after"]
+    assert int(headers["retry-after"]) == status.duration_until_reset.seconds
     body = json.loads(response.raw_body)
     assert body["code"] == 8
     assert body["details"][0]["reason"] == "RATE_LIMITED"

@@ -53,9 +53,9 @@ async def test_a_burst_of_the_limit_passes_then_the_next_waits_one_interval(
     assert [r.remaining for r in results] == [2, 1, 0, 0]
     # Allowed: the limit is whole again one interval per request used.
     assert 19_000 < results[0].reset_ms <= 20_000
-    assert 59_000 < results[2].reset_ms <= 60_000
+    assert 55_000 < results[2].reset_ms <= 60_000
     # Refused: one more request passes after one emission interval (60 s / 3).
-    assert 19_000 < results[3].retry_after_ms <= 20_000
+    assert 15_000 < results[3].retry_after_ms <= 20_000
     assert results[3].violations == 0  # escalation off: nothing counted
 
 
@@ -63,11 +63,14 @@ async def test_retry_after_counts_down(limiter: Limiter) -> None:
     who = subject()
     for _ in range(3):
         await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+    started = time.monotonic()
     first = await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
     await asyncio.sleep(0.3)
     later = await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+    elapsed_ms = (time.monotonic() - started) * 1000
     assert later.refused and first.refused
-    assert 250 <= first.retry_after_ms - later.retry_after_ms <= 600
+    # It went down by the time that passed (give or take a call).
+    assert 250 <= first.retry_after_ms - later.retry_after_ms <= elapsed_ms + 50
 
 
 async def test_a_used_request_comes_back_after_one_interval(limiter: Limiter) -> None:

@@ -80,16 +80,18 @@ def refusal(route: str, subject: Subject, limit: Limit, result: CheckResult) -> 
     who = "client network" if subject.scope is Scope.IP else "user"
     if result.verdict is Verdict.BLOCKED:
         message = f"this {who} is blocked for repeatedly exceeding rate limits; retry in {wait} s"
+        # What was hit is the block, whichever route this request was for.
+        metadata = {
+            "limit": "block",
+            "scope": subject.scope.value,
+            "route": route,
+            "block_level": str(result.block_level),
+        }
     else:
         message = (
             f"rate limit exceeded: {limit.requests} {route} requests per {limit.unit.value} "
             f"per {who}; retry in {wait} s"
         )
-    if result.verdict is Verdict.BLOCKED:
-        # What was hit is the block, whichever route this request was for.
-        metadata = {"limit": "block", "scope": subject.scope.value, "route": route}
-        metadata["block_level"] = str(result.block_level)
-    else:
         metadata = {"limit": route, "scope": subject.scope.value, "policy": str(limit)}
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -141,22 +143,17 @@ class RateLimitDecider:
             results = await asyncio.gather(
                 *(self.limiter.check(c.subject, c.route, c.limit, escalation) for c in checks)
             )
-        worst: tuple[_Check, CheckResult] | None = None
         for check, result in zip(checks, results, strict=True):
             statuses[check.index] = DescriptorStatus(
                 statuses[check.index].name, check.limit, result
             )
             DECISIONS.labels(check.route, check.subject.scope.value, result.verdict.value).inc()
-            if result.refused and (
-                worst is None or result.retry_after_ms > worst[1].retry_after_ms
-            ):
-                worst = (check, result)
         refused = [(c, r) for c, r in zip(checks, results, strict=True) if r.refused]
-        if refused:
-            self._report(descriptors, refused)
-        if worst is None:
+        if not refused:
             return Decision(tuple(statuses), None)
-        check, result = worst
+        self._report(descriptors, refused)
+        # The client must wait for every refusal to pass: tell it the longest.
+        check, result = max(refused, key=lambda pair: pair[1].retry_after_ms)
         return Decision(tuple(statuses), refusal(check.route, check.subject, check.limit, result))
 
     def _report(
