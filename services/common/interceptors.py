@@ -110,7 +110,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         full_method = handler_call_details.method
-        validate = not full_method.startswith(self._unvalidated) if self._unvalidated else True
+        validate = not full_method.startswith(self._unvalidated)
 
         if handler.unary_unary is not None:
             inner_unary: Any = handler.unary_unary
