@@ -21,6 +21,17 @@ from grpc_status import rpc_status
 
 ERROR_DOMAIN = "genmesh"
 
+# What one error may carry. The details travel in the `grpc-status-details-bin` trailer (and the
+# message also in `grpc-message`): a BadRequest listing thousands of violations overflows
+# Envoy's header limits and the client gets a 502 instead of the 400. So an error lists at most
+# the first MAX_FIELD_VIOLATIONS violations, each clipped, and its message says how many there
+# were. Clipping counts UTF-8 bytes (ASCII text: characters), so even the worst case (every
+# field, description and message at its limit, all multi-byte) stays under 16 KiB of trailers.
+MAX_FIELD_VIOLATIONS = 20
+MAX_VIOLATION_FIELD_BYTES = 200
+MAX_VIOLATION_DESCRIPTION_BYTES = 200
+MAX_STATUS_MESSAGE_BYTES = 1024
+
 
 class Reason(StrEnum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -43,6 +54,26 @@ class FieldViolation:
     description: str
 
 
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes (on a character boundary), with "..."
+    marking the cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max(0, max_bytes - 3)].decode(errors="ignore") + "..."
+
+
+def bounded_violations(violations: Sequence[FieldViolation]) -> tuple[FieldViolation, ...]:
+    """The first MAX_FIELD_VIOLATIONS violations, each field and description clipped."""
+    return tuple(
+        FieldViolation(
+            clip(v.field, MAX_VIOLATION_FIELD_BYTES),
+            clip(v.description, MAX_VIOLATION_DESCRIPTION_BYTES),
+        )
+        for v in violations[:MAX_FIELD_VIOLATIONS]
+    )
+
+
 @dataclass
 class ServiceError(Exception):
     """A failure the caller should see as it is (not an internal error)."""
@@ -61,8 +92,11 @@ class ServiceError(Exception):
         return rpc_status.to_status(self.to_status_proto())
 
     def to_status_proto(self) -> status_pb2.Status:
-        """The google.rpc.Status (with ErrorInfo, BadRequest, RetryInfo details) this error is."""
-        status = status_pb2.Status(code=_CODE_NUMBERS[self.code], message=self.message)
+        """The google.rpc.Status (with ErrorInfo, BadRequest, RetryInfo details) this error is,
+        bounded in size whatever the error holds (see MAX_FIELD_VIOLATIONS)."""
+        status = status_pb2.Status(
+            code=_CODE_NUMBERS[self.code], message=clip(self.message, MAX_STATUS_MESSAGE_BYTES)
+        )
         info = error_details_pb2.ErrorInfo(
             reason=self.reason.value, domain=ERROR_DOMAIN, metadata=self.metadata
         )
@@ -73,7 +107,7 @@ class ServiceError(Exception):
                     error_details_pb2.BadRequest.FieldViolation(
                         field=v.field, description=v.description
                     )
-                    for v in self.violations
+                    for v in bounded_violations(self.violations)
                 ]
             )
             status.details.add().Pack(bad)
@@ -102,12 +136,18 @@ def retry_after_header(seconds: float) -> int:
 
 
 def invalid_argument(*violations: FieldViolation) -> ServiceError:
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    """INVALID_ARGUMENT with a BadRequest of the first MAX_FIELD_VIOLATIONS violations; the
+    message gives the total when there were more ("5000 invalid fields; the first 20 are
+    listed: ...")."""
+    listed = bounded_violations(violations)
+    summary = "; ".join(f"{v.field}: {v.description}" for v in listed)
+    if len(violations) > len(listed):
+        summary = f"{len(violations)} invalid fields; the first {len(listed)} are listed: {summary}"
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT,
         Reason.INVALID_ARGUMENT,
-        f"invalid request: {summary}",
-        violations=violations,
+        clip(f"invalid request: {summary}", MAX_STATUS_MESSAGE_BYTES),
+        violations=listed,
     )
 
 

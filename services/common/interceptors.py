@@ -51,6 +51,8 @@ def field_path(violation: Any) -> str:
 
 
 def validate_request(request: object) -> None:
+    """INVALID_ARGUMENT for a request that breaks its protovalidate rules. However many rules
+    it breaks, the error lists only the first few and counts the rest (`invalid_argument`)."""
     if not isinstance(request, Message):
         return  # a raw-bytes handler: nothing declares rules for it
     try:
@@ -134,7 +136,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request: Message, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 async with _guarded(context, full_method):
-                    validate_request(request)
+                    if validate:
+                        validate_request(request)
                     async for response in inner_stream(request, context):
                         yield response
 

@@ -36,7 +36,7 @@ from services.generation.cache import (
 from services.generation.images import check_image, sniff_image_type
 from services.generation.inflight import InFlightLimiter
 from services.generation.quota_client import QuotaReserver, Reservation
-from services.generation.settings import GenerationSettings
+from services.generation.settings import DEFAULT_MAX_IMAGE_PIXELS, GenerationSettings
 from services.generation.upstream import (
     ImageInput,
     Prompt,
@@ -107,6 +107,8 @@ class PipelineConfig:
     max_tokens: int
     # OPENAI_TIMEOUT_SECONDS: a wait at least this long is the upstream's fault.
     upstream_timeout_seconds: float
+    # GEN_MAX_IMAGE_PIXELS.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
     def from_settings(cls, settings: GenerationSettings) -> PipelineConfig:
@@ -116,6 +118,7 @@ class PipelineConfig:
             system_prompt=settings.gen_system_prompt,
             max_tokens=settings.openai_max_tokens,
             upstream_timeout_seconds=settings.openai_timeout_seconds,
+            max_image_pixels=settings.gen_max_image_pixels,
         )
 
     @property
@@ -283,7 +286,11 @@ class GenerationPipeline:
         text = normalize_text(request.text)
         image: ImageInput | None = None
         if request.image_data:
-            error = check_image(request.image_data, request.image_mime_type)
+            error = check_image(
+                request.image_data,
+                request.image_mime_type,
+                max_pixels=self.config.max_image_pixels,
+            )
             if error is not None:
                 self._report_image_mismatch(request)
                 raise error

@@ -18,6 +18,17 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+# GEN_MAX_IMAGE_PIXELS' default, width times height: 25 megapixels (5000x5000). That is above
+# a 24-megapixel camera photo (6000x4000) and far above what vision models look at (OpenAI
+# scales an image to fit 2048x2048, then to 768 pixels on the short side), while a decoder
+# holding it as RGBA needs at most 100 MB. An upload (at most 5 MiB) that declares more is a
+# decompression bomb or a picture the model would shrink anyway.
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
+# Pillow, which reads the header, refuses by itself anything over twice its MAX_IMAGE_PIXELS
+# (178,956,970 pixels): a larger setting could not let such images through.
+MAX_IMAGE_PIXELS_CEILING = 178_956_970
+
+
 class GenerationSettings(ServiceSettings, RedisSettings):
     # GRPC_PORT; 0 picks a free port (tests).
     grpc_port: int = Field(default=50051, ge=0, le=65535)
@@ -50,6 +61,15 @@ class GenerationSettings(ServiceSettings, RedisSettings):
     )
     # Generations one replica runs at once; more fail fast with UNAVAILABLE/OVERLOADED.
     gen_max_inflight: int = Field(default=25, alias="GEN_MAX_INFLIGHT", ge=1)
+    # Largest image accepted, in pixels (width times height, read from the image's header
+    # without decoding it); a larger one is INVALID_ARGUMENT naming image_data. See
+    # DEFAULT_MAX_IMAGE_PIXELS for the default's reasons.
+    gen_max_image_pixels: int = Field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        alias="GEN_MAX_IMAGE_PIXELS",
+        ge=1,
+        le=MAX_IMAGE_PIXELS_CEILING,
+    )
     # The system prompt. "{lang}" is replaced by the requested language; a prompt without
     # the placeholder gets "Answer in <lang>." appended. Changing it changes cache keys.
     gen_system_prompt: str = Field(

@@ -1,0 +1,238 @@
+"""Bad input through the real Envoy is a 400 with a small JSON error, whatever its size or
+shape: thousands of invalid fields, lying or hostile images. Injection strings are stored
+as plain data."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from services.common.errors import MAX_FIELD_VIOLATIONS
+from tests.e2e.helpers import detail_of, reason, violated_fields
+from tests.images import BOMBS, real_image
+
+pytestmark = pytest.mark.e2e
+
+# The body limit the gateway is getting for every route but generate (GATEWAY_MAX_BODY_BYTES).
+EVENTS_BODY_LIMIT = 64 * 1024
+
+
+def compact(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def post_json(http: httpx.Client, path: str, body: bytes) -> httpx.Response:
+    return http.post(path, content=body, headers={"content-type": "application/json"})
+
+
+def field_violations(response: httpx.Response) -> list[dict[str, str]]:
+    bad = detail_of(response, "google.rpc.BadRequest")
+    violations: list[dict[str, str]] = bad.get("field_violations", bad.get("fieldViolations", []))
+    return violations
+
+
+# -- thousands of invalid fields ---------------------------------------------------------------
+
+
+def events_that_fit(event: dict[str, str], wanted: int) -> tuple[int, bytes]:
+    """`wanted` copies of `event`, or as many as fit in EVENTS_BODY_LIMIT."""
+    count = wanted
+    while len(body := compact({"events": [event] * count})) > EVENTS_BODY_LIMIT:
+        count -= 1
+    return count, body
+
+
+@pytest.mark.parametrize(
+    ("event", "violations_per_event"),
+    [
+        # The shortest malformed id: 17 bytes an event, so about 3,850 fit in 64 KiB, not 5,000.
+        # Each event also lacks its name: two violations an event.
+        ({"event_id": "x"}, 2),
+        # Empty events (3 bytes each): 5,000 fit, each with an empty (so malformed) id and name.
+        ({}, 2),
+        # Well-formed events but for the id: one violation an event.
+        ({"event_id": "x", "event": "e"}, 1),
+    ],
+    ids=["short-bad-id", "empty-events", "bad-id-only"],
+)
+def test_thousands_of_invalid_events_are_one_small_400(
+    http: httpx.Client, event: dict[str, str], violations_per_event: int
+) -> None:
+    count, body = events_that_fit(event, 5000)
+    assert len(body) <= EVENTS_BODY_LIMIT
+    assert count >= 1000
+    if not event:
+        assert count == 5000
+    r = post_json(http, "/api/events", body)
+    assert r.status_code == 400, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json")
+    assert reason(r) == "INVALID_ARGUMENT"
+    violations = field_violations(r)
+    assert len(violations) == MAX_FIELD_VIOLATIONS == 20
+    # events: "must contain no more than 100 item(s)", then each event's own
+    total = 1 + violations_per_event * count
+    assert violations[0]["field"] == "events"
+    assert violations[1]["field"] == "events[0].event_id"
+    message = r.json()["message"]
+    assert f"{total} invalid fields; the first 20 are listed" in message
+    assert len(r.content) < 8192
+
+
+def test_a_few_invalid_events_are_all_listed(http: httpx.Client) -> None:
+    events = [{"event_id": f"bad-{i}", "event": "page_view"} for i in range(3)]
+    r = http.post("/api/events", json={"events": events})
+    assert r.status_code == 400, r.text
+    assert violated_fields(r) == {f"events[{i}].event_id" for i in range(3)}
+    assert "invalid fields" not in r.json()["message"]
+
+
+# -- images ------------------------------------------------------------------------------------
+
+IMAGE_TYPES = sorted(BOMBS)
+
+
+def generate_with(image: bytes, declared: str) -> dict[str, str]:
+    return {
+        "text": "What is this?",
+        "image_data": base64.b64encode(image).decode(),
+        "image_mime_type": declared,
+    }
+
+
+def assert_refused(r: httpx.Response, field: str) -> str:
+    """The 400 names `field`; returns its description."""
+    assert r.status_code == 400, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json")
+    assert reason(r) == "INVALID_ARGUMENT"
+    violations = field_violations(r)
+    assert [v["field"] for v in violations] == [field]
+    return violations[0]["description"]
+
+
+def test_a_non_image_is_refused(http: httpx.Client) -> None:
+    r = http.post("/api/generate", json=generate_with(b"MZ\x90\x00 not a picture", "image/png"))
+    assert "not a PNG, JPEG, GIF or WebP" in assert_refused(r, "image_mime_type")
+
+
+def test_a_mismatched_type_is_refused(http: httpx.Client) -> None:
+    r = http.post("/api/generate", json=generate_with(real_image("image/gif"), "image/png"))
+    assert "image/gif" in assert_refused(r, "image_mime_type")
+
+
+def test_an_unreadable_header_is_refused(http: httpx.Client) -> None:
+    truncated = real_image("image/png")[:20]  # the signature and half an IHDR
+    r = http.post("/api/generate", json=generate_with(truncated, "image/png"))
+    assert "cannot be read" in assert_refused(r, "image_data")
+
+
+@pytest.mark.parametrize("media_type", IMAGE_TYPES)
+def test_an_image_with_too_many_pixels_is_refused(http: httpx.Client, media_type: str) -> None:
+    """A complete image of 5001x5000 (just over the default 25,000,000 pixels)."""
+    mode = "P" if media_type == "image/gif" else "L"
+    image = real_image(media_type, 5001, 5000, mode=mode)
+    r = http.post("/api/generate", json=generate_with(image, media_type))
+    assert "5001x5000" in assert_refused(r, "image_data")
+
+
+@pytest.mark.parametrize("media_type", IMAGE_TYPES)
+@pytest.mark.parametrize("size", [(6000, 5000), (16_000, 16_000)], ids=["30M", "256M"])
+def test_a_decompression_bomb_is_refused(
+    http: httpx.Client, media_type: str, size: tuple[int, int]
+) -> None:
+    bomb: Callable[[int, int], bytes] = BOMBS[media_type]
+    image = bomb(*size)
+    assert len(image) < 200
+    r = http.post("/api/generate", json=generate_with(image, media_type))
+    assert "pixels" in assert_refused(r, "image_data")
+
+
+@pytest.mark.parametrize("media_type", IMAGE_TYPES)
+def test_a_valid_image_of_each_type_is_answered(http: httpx.Client, media_type: str) -> None:
+    r = http.post("/api/generate", json=generate_with(real_image(media_type, 8, 8), media_type))
+    assert r.status_code == 200, r.text
+    assert media_type in r.json()["text"]
+
+
+# -- SQL injection strings are data --------------------------------------------------------------
+
+INJECTIONS = [
+    "'); DROP TABLE feedback; --",
+    "' OR '1'='1",
+    '"; DROP TABLE funnel_events; --',
+    "1; DELETE FROM profiles WHERE '1'='1",
+    "$1, $2); TRUNCATE pro_wishlist; --",
+    "\\'; SELECT pg_sleep(5); --",
+]
+TABLES = ("feedback", "funnel_events", "pro_wishlist", "profiles", "security_events")
+
+
+async def query(database_url: str, fn: Callable[[asyncpg.Connection], Any]) -> Any:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await fn(conn)
+    finally:
+        await conn.close()
+
+
+async def assert_tables_intact(database_url: str) -> None:
+    async def check(conn: asyncpg.Connection) -> None:
+        for table in TABLES:
+            assert await conn.fetchval("SELECT to_regclass($1)", f"public.{table}") is not None
+        assert await conn.fetchval("SELECT count(*) FROM feedback") > 0
+
+    await query(database_url, check)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+async def test_an_injection_in_a_feedback_comment_is_stored_as_text(
+    http: httpx.Client, database_url: str, injection: str
+) -> None:
+    comment = f"{injection} {uuid.uuid4()}"
+    r = http.post("/api/feedback", json={"rating": 2, "comment": comment, "lang": "en"})
+    assert r.status_code == 200, r.text
+    feedback_id = uuid.UUID(r.json()["feedback_id"])
+
+    rows = await query(
+        database_url,
+        lambda conn: conn.fetch("SELECT id, comment FROM feedback WHERE comment = $1", comment),
+    )
+    assert [(row["id"], row["comment"]) for row in rows] == [(feedback_id, comment)]
+    await assert_tables_intact(database_url)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+async def test_an_injection_in_a_funnel_event_is_stored_as_data(
+    http: httpx.Client, database_url: str, injection: str
+) -> None:
+    event_id = str(uuid.uuid4())
+    event = {
+        "event_id": event_id,
+        "event": "generate_clicked",
+        "session_id": injection,
+        "properties": {"note": injection, injection: "key", "nested": {"q": [injection]}},
+    }
+    r = http.post("/api/events", json={"events": [event]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"accepted": 1, "duplicates": 0}
+
+    row = await query(
+        database_url,
+        lambda conn: conn.fetchrow(
+            "SELECT session_id, properties FROM funnel_events WHERE event_id = $1",
+            uuid.UUID(event_id),
+        ),
+    )
+    assert row is not None
+    assert row["session_id"] == injection
+    properties = row["properties"]
+    if isinstance(properties, str):  # jsonb arrives as text without a codec
+        properties = json.loads(properties)
+    assert properties == event["properties"]
+    await assert_tables_intact(database_url)
