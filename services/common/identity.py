@@ -11,6 +11,8 @@ from typing import Any
 USER_ID_HEADER = "x-genmesh-user-id"
 USER_EMAIL_HEADER = "x-genmesh-user-email"
 CLIENT_IP_HEADER = "x-genmesh-client-ip"
+# The token's role claim (GATEWAY_ADMIN_ROLE_CLAIM, Supabase's app_metadata.role by default).
+USER_ROLE_HEADER = "x-genmesh-user-role"
 ADMIN_TOKEN_HEADER = "x-admin-token"  # noqa: S105 - a header name, not a secret
 
 
@@ -19,6 +21,7 @@ class Identity:
     user_id: str
     email: str
     client_ip: str
+    role: str = ""
 
     @property
     def is_guest(self) -> bool:
@@ -41,6 +44,7 @@ def identity_from_metadata(metadata: Sequence[Any] | None, peer: str = "") -> Id
         user_id=metadata_value(metadata, USER_ID_HEADER),
         email=metadata_value(metadata, USER_EMAIL_HEADER),
         client_ip=client_ip,
+        role=metadata_value(metadata, USER_ROLE_HEADER),
     )
 
 

@@ -98,6 +98,7 @@ def build_decider(
         FallbackLimiter(RedisLimiter(redis), MemoryLimiter()),
         client_networks(settings),
         security_events,
+        admin_token=settings.genmesh_admin_token,
     )
 
 

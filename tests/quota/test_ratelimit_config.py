@@ -55,8 +55,8 @@ def test_the_readme_table_is_the_shipped_file() -> None:
         documented[name] = (per_ip, per_user)
     config = load_config()
     shipped_limits = {
-        route.name: (str(route.per_ip), str(route.per_user))
-        for route in (*config.routes, config.default)
+        route.name: (str(route.per_ip), str(route.per_user) if route.per_user else "—")
+        for route in (*config.routes, config.default, config.admin_failures)
     }
     assert documented == shipped_limits
 

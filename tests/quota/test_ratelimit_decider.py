@@ -171,3 +171,97 @@ async def test_the_longest_wait_is_the_one_reported() -> None:
     assert refused.refusal is not None
     assert refused.refusal.metadata["scope"] == "ip"
     assert 3580 < (refused.refusal.retry_after_seconds or 0) <= 3600
+
+
+# -- failed admin attempts ----------------------------------------------------------------------
+
+ADMIN_TOKEN = "the-admin-token"
+
+
+def admin_decider(events: RecordedEvents, **env: str) -> RateLimitDecider:
+    return RateLimitDecider(
+        config(RATE_LIMIT_ADMIN_FAILURES_PER_IP="3/minute", **env),
+        MemoryLimiter(),
+        ClientNetworks(),
+        events,
+        admin_token=ADMIN_TOKEN,
+    )
+
+
+def admin_call(ip: str, **credential: str) -> list[dict[str, str]]:
+    """The descriptors Envoy sends for an admin path (see envoy.yaml.tmpl)."""
+    path = "/api/admin/blocks"
+    return [
+        {"path": path, "remote_address": ip},
+        {"admin_auth": "check", "path": path, "remote_address": ip, **credential},
+    ]
+
+
+async def test_guessed_admin_tokens_are_refused_after_a_few_and_reported_once() -> None:
+    events = RecordedEvents()
+    rl = admin_decider(events)
+    ip = fresh_ip()
+    for guess in range(3):
+        decision = await rl.decide(admin_call(ip, admin_token=f"guess-{guess}"))
+        assert not decision.over_limit
+    refused = await rl.decide(admin_call(ip, admin_token="guess-3"))
+    assert refused.over_limit and refused.refusal is not None
+    assert refused.refusal.metadata["limit"] == "admin_failures"
+    assert "failed admin attempts" in refused.refusal.message
+    assert refused.refusal.retry_after_seconds is not None
+    assert refused.refusal.retry_after_seconds > 0
+    # One event for the burst of failures, one for the first refusal: not one per guess.
+    assert events.types() == ["admin_auth_failed", "rate_limit_exceeded"]
+    _, _, who, details = events.events[0]
+    assert who.client_ip == ip
+    assert details["reason"] == "invalid_token"
+    assert details["path"] == "/api/admin/blocks"
+    assert ADMIN_TOKEN not in json.dumps(details) and "guess" not in json.dumps(details)
+
+
+async def test_the_right_token_or_the_admin_role_never_counts_as_a_failure() -> None:
+    events = RecordedEvents()
+    rl = admin_decider(events)
+    ip = fresh_ip()
+    for _ in range(10):
+        assert not (await rl.decide(admin_call(ip, admin_token=ADMIN_TOKEN))).over_limit
+        assert not (await rl.decide(admin_call(ip, user="u-admin", role="admin"))).over_limit
+    assert events.types() == []
+
+
+async def test_a_users_token_without_the_role_and_no_credential_are_failures() -> None:
+    events = RecordedEvents()
+    rl = admin_decider(events)
+    ip = fresh_ip()
+    # The role alone, without a verified user, is not an admin (Envoy sets both together).
+    attempts = [{"user": "u-1", "role": "authenticated"}, {}, {"role": "admin"}]
+    for credential in attempts:
+        assert not (await rl.decide(admin_call(ip, **credential))).over_limit
+    assert (await rl.decide(admin_call(ip))).over_limit
+    assert events.events[0][3]["reason"] == "not_admin"
+
+
+async def test_failed_admin_attempts_escalate_to_a_block_of_the_network() -> None:
+    events = RecordedEvents()
+    rl = admin_decider(events)
+    ip = fresh_ip()
+    for _ in range(3 + 3):  # the allowance, then RATE_LIMIT_BLOCK_AFTER refusals
+        await rl.decide(admin_call(ip, admin_token="wrong"))
+    assert "rate_limit_block" in events.types()
+    # Blocked on every route now, the public ones included.
+    blocked = await rl.decide(guest("/api/quota", ip))
+    assert blocked.over_limit and blocked.refusal is not None
+    assert blocked.refusal.metadata["limit"] == "block"
+
+
+async def test_admin_failures_are_counted_per_network_and_only_on_admin_descriptors() -> None:
+    events = RecordedEvents()
+    rl = admin_decider(events)
+    first, second = fresh_ip(), fresh_ip()
+    for _ in range(3):
+        await rl.decide(admin_call(first, admin_token="wrong"))
+    assert (await rl.decide(admin_call(first, admin_token="wrong"))).over_limit
+    assert not (await rl.decide(admin_call(second, admin_token="wrong"))).over_limit
+    # Public paths never send the admin descriptor: nothing counted for them.
+    for _ in range(5):
+        assert not (await rl.decide(guest("/api/quota", second))).over_limit

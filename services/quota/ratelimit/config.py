@@ -90,6 +90,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ADMIN_FAILURES = "admin_failures"
+
+
 class RouteLimits(_Strict):
     name: str = ""
     paths: tuple[str, ...] = ()
@@ -136,6 +139,8 @@ class RateLimitConfig(_Strict):
     routes: tuple[RouteLimits, ...]
     default: RouteLimits
     escalation: Escalation
+    # Failed admin attempts, per client network (per_ip only: a guesser has no verified user).
+    admin_failures: RouteLimits = RouteLimits(name=ADMIN_FAILURES)
 
     def route_for(self, path: str) -> RouteLimits:
         """The route a REST path counts against: exact path, else longest prefix, else the
@@ -206,6 +211,12 @@ def _route(name: str, raw: Mapping[str, Any], env: Mapping[str, str]) -> RouteLi
         raise _errors(where, err) from None
 
 
+def _admin_failures(raw: object, env: Mapping[str, str]) -> RouteLimits:
+    if not isinstance(raw, dict) or set(raw) - {"per_ip"}:
+        raise ValueError(f"{ADMIN_FAILURES}: expected per_ip only")
+    return _route(ADMIN_FAILURES, raw, env)
+
+
 def parse_config(raw: object, env: Mapping[str, str] | None = None) -> RateLimitConfig:
     """Validate a parsed YAML document, applying environment overrides from `env`."""
     env = env or {}
@@ -224,7 +235,7 @@ def parse_config(raw: object, env: Mapping[str, str] | None = None) -> RateLimit
         default_raw = raw.get("default") or {}
         if not isinstance(default_raw, dict) or {"paths", "prefixes"} & set(default_raw):
             raise ValueError("default: expected per_ip / per_user only")
-        unknown = set(raw) - {"version", "routes", "default", "escalation"}
+        unknown = set(raw) - {"version", "routes", "default", "escalation", ADMIN_FAILURES}
         if unknown:
             raise ValueError(f"unknown top-level keys: {sorted(unknown)}")
         seen: dict[str, str] = {}
@@ -238,6 +249,7 @@ def parse_config(raw: object, env: Mapping[str, str] | None = None) -> RateLimit
             routes=routes,
             default=_route("default", default_raw, env),
             escalation=_escalation(raw.get("escalation") or {}, env),
+            admin_failures=_admin_failures(raw.get(ADMIN_FAILURES) or {}, env),
         )
     except ValidationError as err:
         raise ConfigError(f"invalid rate-limit configuration: {_errors('config', err)}") from None

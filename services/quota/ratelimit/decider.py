@@ -7,9 +7,16 @@ Envoy describes a request as descriptors, each a set of entries: `path` (the RES
 descriptor is one check; the request passes only if every check does. Descriptors of any
 other shape are answered OK without counting anything, so a stray entry cannot block traffic.
 
+Admin paths add one more descriptor, marked `admin_auth`, carrying the credential presented
+(`admin_token`, and the verified `user` and `role`). A request without an admin credential
+counts one failed attempt against `admin_failures` for its client network: a guesser is
+refused after a few tries and, if it goes on, blocked. The service still answers the attempts
+that pass with 401 or 403.
+
 Security events are aggregated: one `rate_limit_exceeded` per burst of refusals (the first
 refusal in an escalation window), one `rate_limit_block` per block, never one per request, so
-an attacker cannot make the database write a row per request.
+an attacker cannot make the database write a row per request. Failed admin attempts are
+reported the same way: one `admin_auth_failed` when a burst of them starts.
 """
 
 from __future__ import annotations
@@ -22,16 +29,20 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter
 
+from services.common.admin_auth import credential_is_admin
 from services.common.errors import Reason, ServiceError
 from services.common.identity import Identity
 from services.common.security_events import SEVERITY_HIGH, SEVERITY_MEDIUM, SecurityEventSink
 from services.quota.network import ClientNetworks
-from services.quota.ratelimit.config import Limit, RateLimitConfig, Scope
+from services.quota.ratelimit.config import ADMIN_FAILURES, Limit, RateLimitConfig, Scope
 from services.quota.ratelimit.limiter import CheckResult, Limiter, Subject, Verdict
 
 PATH_ENTRY = "path"
 REMOTE_ADDRESS_ENTRY = "remote_address"
 USER_ENTRY = "user"
+ADMIN_AUTH_ENTRY = "admin_auth"
+ADMIN_TOKEN_ENTRY = "admin_token"  # noqa: S105 - a descriptor key, not a secret
+ROLE_ENTRY = "role"
 
 DECISIONS = Counter(
     "genmesh_ratelimit_decisions_total",
@@ -78,7 +89,10 @@ def refusal(route: str, subject: Subject, limit: Limit, result: CheckResult) -> 
     quota, a different thing with a different remedy)."""
     wait = _seconds(result.retry_after_ms)
     who = "client network" if subject.scope is Scope.IP else "user"
-    if result.verdict is Verdict.BLOCKED:
+    if result.verdict is Verdict.LIMITED and route == ADMIN_FAILURES:
+        message = f"too many failed admin attempts from this {who}; retry in {wait} s"
+        metadata = {"limit": route, "scope": subject.scope.value, "policy": str(limit)}
+    elif result.verdict is Verdict.BLOCKED:
         message = f"this {who} is blocked for repeatedly exceeding rate limits; retry in {wait} s"
         # What was hit is the block, whichever route this request was for.
         metadata = {
@@ -109,11 +123,14 @@ class RateLimitDecider:
         limiter: Limiter,
         networks: ClientNetworks,
         security_events: SecurityEventSink | None = None,
+        admin_token: str = "",
     ) -> None:
         self.config = config
         self.limiter = limiter
         self.networks = networks
         self.security_events = security_events
+        # GENMESH_ADMIN_TOKEN: a request presenting it is not a failed admin attempt.
+        self.admin_token = admin_token
 
     def _subject(self, entries: Mapping[str, str]) -> Subject | None:
         if ip := entries.get(REMOTE_ADDRESS_ENTRY):
@@ -127,6 +144,11 @@ class RateLimitDecider:
         statuses: list[DescriptorStatus] = []
         checks: list[_Check] = []
         for index, entries in enumerate(descriptors):
+            if ADMIN_AUTH_ENTRY in entries:
+                status, failed = self._admin_attempt(index, entries)
+                statuses.append(status)
+                checks.extend(failed)
+                continue
             subject = self._subject(entries)
             route = self.config.route_for(entries.get(PATH_ENTRY, ""))
             limit = route.limit(subject.scope) if subject is not None else None
@@ -148,6 +170,7 @@ class RateLimitDecider:
                 statuses[check.index].name, check.limit, result
             )
             DECISIONS.labels(check.route, check.subject.scope.value, result.verdict.value).inc()
+        self._report_admin_failures(descriptors, checks, results)
         refused = [(c, r) for c, r in zip(checks, results, strict=True) if r.refused]
         if not refused:
             return Decision(tuple(statuses), None)
@@ -155,6 +178,67 @@ class RateLimitDecider:
         # The client must wait for every refusal to pass: tell it the longest.
         check, result = max(refused, key=lambda pair: pair[1].retry_after_ms)
         return Decision(tuple(statuses), refusal(check.route, check.subject, check.limit, result))
+
+    def _admin_attempt(
+        self, index: int, entries: Mapping[str, str]
+    ) -> tuple[DescriptorStatus, list[_Check]]:
+        """The admin descriptor: nothing to count for an admin, one failed attempt otherwise."""
+        limit = self.config.admin_failures.per_ip
+        status = DescriptorStatus(ADMIN_FAILURES, None, None)
+        admin = credential_is_admin(
+            entries.get(ADMIN_TOKEN_ENTRY, ""),
+            entries.get(ROLE_ENTRY, ""),
+            entries.get(USER_ENTRY, ""),
+            self.admin_token,
+        )
+        network = self.networks.network_of(entries.get(REMOTE_ADDRESS_ENTRY, ""))
+        if admin or limit is None or not network:
+            return status, []
+        subject = Subject(Scope.IP, network)
+        return DescriptorStatus(ADMIN_FAILURES, limit, None), [
+            _Check(index, ADMIN_FAILURES, subject, limit)
+        ]
+
+    def _report_admin_failures(
+        self,
+        descriptors: Sequence[Mapping[str, str]],
+        checks: list[_Check],
+        results: Sequence[CheckResult],
+    ) -> None:
+        """One event when a burst of failed admin attempts starts: the first failure that
+        finds the client's allowance whole. The refusals and blocks that follow a burst are
+        reported as rate-limit events."""
+        if self.security_events is None:
+            return
+        for check, result in zip(checks, results, strict=True):
+            if check.route != ADMIN_FAILURES or result.refused:
+                continue
+            if result.remaining != check.limit.requests - 1:
+                continue
+            entries = descriptors[check.index]
+            reason = (
+                "invalid_token"
+                if entries.get(ADMIN_TOKEN_ENTRY)
+                else "not_admin"
+                if entries.get(USER_ENTRY)
+                else "missing"
+            )
+            identity = Identity(
+                user_id=entries.get(USER_ENTRY, ""),
+                email="",
+                client_ip=entries.get(REMOTE_ADDRESS_ENTRY, ""),
+            )
+            self.security_events.report(
+                "admin_auth_failed",
+                SEVERITY_MEDIUM,
+                identity,
+                {
+                    "path": entries.get(PATH_ENTRY, "").split("?", 1)[0][:200],
+                    "reason": reason,
+                    "subject": check.subject.value,
+                    "limit": str(check.limit),
+                },
+            )
 
     def _report(
         self, descriptors: Sequence[Mapping[str, str]], refused: list[tuple[_Check, CheckResult]]
