@@ -7,6 +7,7 @@ request that observed them; dropped when too many are pending."""
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -36,13 +37,13 @@ class SecurityEventSink(Protocol):
     ) -> None: ...
 
 
-class TelemetrySecurityEvents:
-    def __init__(
-        self, channel: grpc.aio.Channel, timeout_seconds: float, background: BackgroundTasks
-    ) -> None:
-        self._stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
-        self.timeout_seconds = timeout_seconds
+class BackgroundSecurityEvents(ABC):
+    """A SecurityEventSink that logs each event and delivers it in the background, at most
+    `max_pending` at a time (more are dropped and counted): best effort by design."""
+
+    def __init__(self, background: BackgroundTasks, max_pending: int = MAX_PENDING) -> None:
         self.background = background
+        self.max_pending = max_pending
         self.pending = 0
         self.dropped = 0
 
@@ -58,8 +59,8 @@ class TelemetrySecurityEvents:
             event_type,
             extra={"event_type": event_type, "user_id": identity.user_id, **details},
         )
-        if self.pending >= MAX_PENDING:
-            # Telemetry is slow or down: shedding events beats piling up tasks.
+        if self.pending >= self.max_pending:
+            # The store is slow or down: shedding events beats piling up tasks.
             self.dropped += 1
             return
         body = struct_pb2.Struct()
@@ -72,14 +73,38 @@ class TelemetrySecurityEvents:
             details=body,
         )
         self.pending += 1
-        self.background.spawn(self._send(request), name=f"security-event-{event_type}")
+        self.background.spawn(self._deliver_safely(request), name=f"security-event-{event_type}")
 
-    async def _send(self, request: telemetry_pb2.RecordSecurityEventRequest) -> None:
+    async def _deliver_safely(self, request: telemetry_pb2.RecordSecurityEventRequest) -> None:
         try:
-            await self._stub.RecordSecurityEvent(request, timeout=self.timeout_seconds)
-        except grpc.aio.AioRpcError as err:
+            await self.deliver(request)
+        except Exception as exc:  # best effort: a lost event must not surface anywhere else
             log.warning(
-                "could not record security event %s: %s", request.event_type, err.code().name
+                "could not record security event %s: %s", request.event_type, self.describe(exc)
             )
         finally:
             self.pending -= 1
+
+    @abstractmethod
+    async def deliver(self, request: telemetry_pb2.RecordSecurityEventRequest) -> None:
+        """Store one event (raising on failure)."""
+
+    def describe(self, exc: Exception) -> str:
+        return type(exc).__name__
+
+
+class TelemetrySecurityEvents(BackgroundSecurityEvents):
+    """Delivers to the telemetry service's RecordSecurityEvent RPC, with a deadline."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, timeout_seconds: float, background: BackgroundTasks
+    ) -> None:
+        super().__init__(background)
+        self._stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
+        self.timeout_seconds = timeout_seconds
+
+    async def deliver(self, request: telemetry_pb2.RecordSecurityEventRequest) -> None:
+        await self._stub.RecordSecurityEvent(request, timeout=self.timeout_seconds)
+
+    def describe(self, exc: Exception) -> str:
+        return exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else super().describe(exc)

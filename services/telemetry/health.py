@@ -1,6 +1,7 @@
-"""The system health report behind /api/health: every dependency probed at once, each with its
-own timeout, plus the circuit breakers, cache statistics and error rates the generation
-replicas publish.
+"""The system health report behind the admin /api/admin/health: every dependency probed at
+once, each with its own timeout, plus the circuit breakers, cache statistics and error rates
+the generation replicas publish. The public /api/health answers only its overall status
+(services/telemetry/public_health.py).
 
 Overall status:
   unhealthy  the database is down (nothing can be stored), or generation or quota is not

@@ -9,16 +9,18 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.admin_auth import AdminGuard
 from services.common.identity import identity_from_metadata
 from services.telemetry import records
 from services.telemetry.health import HealthReport, SystemHealth
+from services.telemetry.public_health import CachedHealth, PublicHealth
 from services.telemetry.store import TelemetryStore
 
 Context = Any  # grpc.aio.ServicerContext, generic in request and response
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
-    def __init__(self, store: TelemetryStore, health: SystemHealth) -> None:
+    def __init__(self, store: TelemetryStore, health: CachedHealth) -> None:
         self.store = store
         self.health = health
 
@@ -56,12 +58,34 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     async def GetHealth(
         self, request: telemetry_pb2.GetHealthRequest, context: Context
     ) -> telemetry_pb2.GetHealthResponse:
-        return health_response(await self.health.report())
+        return public_health_response(await self.health.current())
 
 
-def health_response(report: HealthReport) -> telemetry_pb2.GetHealthResponse:
+class TelemetryAdminServicer(telemetry_pb2_grpc.TelemetryAdminServiceServicer):
+    def __init__(self, guard: AdminGuard, health: SystemHealth) -> None:
+        self.guard = guard
+        self.health = health
+
+    async def GetHealthReport(
+        self, request: telemetry_pb2.GetHealthReportRequest, context: Context
+    ) -> telemetry_pb2.HealthReport:
+        metadata = tuple(context.invocation_metadata() or ())
+        self.guard.check(
+            metadata, identity_from_metadata(metadata, context.peer()), "GetHealthReport"
+        )
+        return health_report(await self.health.report())
+
+
+def public_health_response(health: PublicHealth) -> telemetry_pb2.GetHealthResponse:
+    """The public answer: the overall status and when it was checked, nothing else."""
+    return telemetry_pb2.GetHealthResponse(
+        status=health.status.value, checked_at=_timestamp(health.checked_at)
+    )
+
+
+def health_report(report: HealthReport) -> telemetry_pb2.HealthReport:
     stats = report.stats
-    response = telemetry_pb2.GetHealthResponse(
+    response = telemetry_pb2.HealthReport(
         status=report.status.value,
         checked_at=_timestamp(report.checked_at),
         response_time_ms=report.response_time_ms,

@@ -35,8 +35,8 @@ class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
     # The generation and quota services (gRPC host:port), probed with grpc.health.v1.
     generation_addr: str = Field(default="127.0.0.1:50051", alias="GENERATION_ADDR")
     quota_addr: str = Field(default="127.0.0.1:50052", alias="QUOTA_ADDR")
-    # Timeout of each probe of GetHealth (they run concurrently); below Envoy's 5 s route
-    # timeout so /api/health always answers.
+    # Timeout of each probe of a health check (they run concurrently); below Envoy's 5 s
+    # route timeout so /api/health and /api/admin/health always answer.
     health_check_timeout_seconds: float = Field(
         default=2.0, alias="HEALTH_CHECK_TIMEOUT_SECONDS", gt=0, lt=5
     )
@@ -44,8 +44,29 @@ class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
     health_degraded_latency_ms: float = Field(
         default=500.0, alias="HEALTH_DEGRADED_LATENCY_MS", gt=0
     )
+    # How long a health check's result answers the public GetHealth (/api/health): within it
+    # callers get the last result, and a burst shares the one check in flight, so the
+    # endpoint cannot multiply probes of the stores. The answer is at most about this old.
+    # 0 checks on every call that does not find a check already running.
+    health_cache_seconds: float = Field(default=1.0, alias="HEALTH_CACHE_SECONDS", ge=0, le=60)
     # The name of the generation service's upstream (OpenAI) circuit breaker in its published
-    # stats snapshot; the `openai` dependency of GetHealth follows that breaker.
+    # stats snapshot; the `openai` dependency of the health report follows that breaker.
     health_openai_breaker_name: str = Field(
         default="openai", alias="HEALTH_OPENAI_BREAKER_NAME", min_length=1
     )
+
+    # Edge security events (services/telemetry/edge_events.py), from the gateway's access log:
+    # the window, in seconds, in which one client network's failures of one status are counted.
+    edge_event_window_seconds: float = Field(
+        default=60.0, alias="EDGE_EVENT_WINDOW_SECONDS", gt=0, le=86_400
+    )
+    # Failures of one status from one client network within a window that make a burst: the
+    # one that reaches it records one security event; the rest of that window records none.
+    edge_event_threshold: int = Field(default=20, alias="EDGE_EVENT_THRESHOLD", ge=1)
+    # The most (client network, status) windows held in memory; past it the oldest is dropped,
+    # so a flood of distinct addresses costs bounded memory (about 0.5 KB a window).
+    edge_event_max_tracked: int = Field(default=100_000, alias="EDGE_EVENT_MAX_TRACKED", ge=1)
+
+    # The admin credential expected in the `x-admin-token` header (the full health report,
+    # /api/admin/health). Empty disables the admin API (every call gets PERMISSION_DENIED).
+    genmesh_admin_token: str = Field(default="", alias="GENMESH_ADMIN_TOKEN", repr=False)

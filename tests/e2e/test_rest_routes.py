@@ -251,8 +251,18 @@ def test_events_reject_a_bad_event_id(http: httpx.Client) -> None:
     assert "events[0].event_id" in violated_fields(r)
 
 
-def test_health_reports_every_dependency(http: httpx.Client) -> None:
+def test_public_health_is_only_the_status_and_when(http: httpx.Client) -> None:
     r = http.get("/api/health")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"status", "checked_at"}
+    assert body["status"] in {"healthy", "degraded"}
+
+
+def test_the_health_report_reports_every_dependency_to_operators(http: httpx.Client) -> None:
+    assert http.get("/api/admin/health").status_code == 401
+    assert http.get("/api/admin/health", headers={"x-admin-token": "wrong"}).status_code == 403
+    r = http.get("/api/admin/health", headers={"x-admin-token": ADMIN_TOKEN})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] in {"healthy", "degraded"}

@@ -36,6 +36,8 @@ from services.telemetry.store import TelemetryStore
 
 pytestmark = pytest.mark.integration
 
+ADMIN_TOKEN = "telemetry-test-admin-token"
+
 
 @dataclass
 class HealthServer:
@@ -48,7 +50,16 @@ class HealthServer:
 class Running:
     service: TelemetryService
     stub: telemetry_pb2_grpc.TelemetryServiceAsyncStub
+    admin: telemetry_pb2_grpc.TelemetryAdminServiceAsyncStub
     settings: TelemetrySettings
+
+    async def report(self, timeout: float = 10) -> telemetry_pb2.HealthReport:
+        """The full health report, with the admin credential."""
+        return await self.admin.GetHealthReport(
+            telemetry_pb2.GetHealthReportRequest(),
+            metadata=(("x-admin-token", ADMIN_TOKEN),),
+            timeout=timeout,
+        )
 
 
 @asynccontextmanager
@@ -72,7 +83,12 @@ async def running(settings: TelemetrySettings) -> AsyncIterator[Running]:
     port = await service.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Running(service, telemetry_pb2_grpc.TelemetryServiceStub(channel), settings)
+            yield Running(
+                service,
+                telemetry_pb2_grpc.TelemetryServiceStub(channel),
+                telemetry_pb2_grpc.TelemetryAdminServiceStub(channel),
+                settings,
+            )
     finally:
         await service.stop()
 
@@ -97,6 +113,7 @@ def make_settings(
         "shutdown_grace_seconds": 1,
         # Behaviour, not speed: a busy test machine must not turn "healthy" into "degraded".
         "health_degraded_latency_ms": 60_000,
+        "genmesh_admin_token": ADMIN_TOKEN,
         **overrides,
     }
     return TelemetrySettings(**values)
@@ -422,10 +439,13 @@ async def test_database_down_means_unavailable_with_retry_info_and_unhealthy(
         assert info.retry_after_seconds is not None and info.retry_after_seconds > 0
         assert ("retry-after", "2") in trailers(caught.value)
 
-        health = await r.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+        health = await r.report()
         deps = {d.name: d for d in health.dependencies}
         assert health.status == "unhealthy"
         assert deps["database"].status == "unhealthy"
+        public = await r.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+        assert public.status == "unhealthy"
+        assert b"postgres" not in public.SerializeToString()
 
 
 # -- health --------------------------------------------------------------------------------
@@ -475,7 +495,7 @@ async def test_health_aggregates_the_published_stats(
     await publish(telemetry.settings, redis_url, "gen-a", generation_snapshot("closed", 6, 2))
     await publish(telemetry.settings, redis_url, "gen-b", generation_snapshot("closed", 2, 0))
 
-    health = await telemetry.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+    health = await telemetry.report()
     deps = {d.name: d for d in health.dependencies}
     assert set(deps) == {"database", "redis", "generation", "quota", "openai"}
     assert all(d.status == "healthy" for d in deps.values()), deps
@@ -502,7 +522,7 @@ async def test_health_aggregates_the_published_stats(
 
     # One replica's breaker opens: the upstream is in trouble, the system is degraded.
     await publish(telemetry.settings, redis_url, "gen-b", generation_snapshot("open", 2, 0))
-    health = await telemetry.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+    health = await telemetry.report()
     assert health.status == "degraded"
     assert {d.name: d.status for d in health.dependencies}["openai"] == "unhealthy"
     assert health.circuit_breakers[0].state == "open"
@@ -511,7 +531,7 @@ async def test_health_aggregates_the_published_stats(
     _, quota = dependencies
     await quota.servicer.set(QUOTA_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
-        health = await telemetry.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+        health = await telemetry.report()
     finally:
         await quota.servicer.set(QUOTA_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     assert health.status == "unhealthy"
@@ -533,13 +553,20 @@ async def test_health_with_unreachable_services_is_unhealthy_and_answers(
         health_check_timeout_seconds=0.5,
     )
     async with running(settings) as r:
-        health = await r.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=4.5)
+        health = await r.report(timeout=4.5)
+        public = await r.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=4.5)
     deps = {d.name: d for d in health.dependencies}
     assert health.status == "unhealthy"
     assert deps["generation"].status == "unhealthy"
     assert deps["quota"].status == "unhealthy"
     assert deps["database"].status == "healthy"
     assert deps["openai"].status == "unknown"
+    # The public answer: the status and when, nothing of what the report says about why.
+    assert public.status == "unhealthy"
+    assert {f.name for f, _ in public.ListFields()} == {"status", "checked_at"}
+    wire = public.SerializeToString()
+    for secret in ("10.255.255.1", settings.generation_addr, "quota", "generation"):
+        assert secret.encode() not in wire, secret
 
 
 async def test_health_sees_a_service_come_back(
@@ -558,7 +585,7 @@ async def test_health_sees_a_service_come_back(
         quota_addr=quota.address,
     )
     async with running(settings) as r:
-        health = await r.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+        health = await r.report()
         generation = {d.name: d for d in health.dependencies}["generation"]
         assert generation.status == "unhealthy"
         assert "UNAVAILABLE" in generation.detail
@@ -566,7 +593,7 @@ async def test_health_sees_a_service_come_back(
             # Eventually (after the channel's short reconnect backoff), not after minutes.
             async with asyncio.timeout(15):
                 while True:
-                    health = await r.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+                    health = await r.report()
                     if health.status != "unhealthy":
                         break
                     await asyncio.sleep(0.2)
@@ -585,7 +612,7 @@ async def test_health_without_redis_is_degraded(
         quota_addr=quota.address,
     )
     async with running(settings) as r:
-        health = await r.stub.GetHealth(telemetry_pb2.GetHealthRequest(), timeout=10)
+        health = await r.report()
         # Writes do not need Redis.
         reply = await r.stub.SubmitFeedback(telemetry_pb2.SubmitFeedbackRequest(rating=2))
     deps = {d.name: d for d in health.dependencies}
@@ -596,9 +623,52 @@ async def test_health_without_redis_is_degraded(
     assert reply.feedback_id
 
 
+async def test_the_health_report_needs_the_admin_credential_and_admin_actions_are_stored(
+    telemetry: Running, db: asyncpg.Connection
+) -> None:
+    ip = f"192.0.2.{uuid.uuid4().int % 250 + 1}"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await telemetry.admin.GetHealthReport(
+            telemetry_pb2.GetHealthReportRequest(),
+            metadata=(("x-admin-token", "wrong"), ("x-genmesh-client-ip", ip)),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await telemetry.admin.GetHealthReport(telemetry_pb2.GetHealthReportRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await telemetry.admin.GetHealthReport(
+        telemetry_pb2.GetHealthReportRequest(),
+        metadata=(("x-admin-token", ADMIN_TOKEN), ("x-genmesh-client-ip", ip)),
+        timeout=10,
+    )
+    # Telemetry is the security-event store: its own admin actions go straight to it (best
+    # effort, in the background, so eventually). Refusals are counted at the edge instead.
+    async with asyncio.timeout(10):
+        while True:
+            row = await db.fetchrow(
+                "SELECT * FROM security_events WHERE ip = $1 AND event_type = 'admin_action'", ip
+            )
+            if row is not None:
+                break
+            await asyncio.sleep(0.05)
+    assert row["severity"] == "low"
+    details = json.loads(row["details"])
+    assert (details["credential"], details["method"]) == ("token", "GetHealthReport")
+    refusals = await db.fetchval(
+        "SELECT count(*) FROM security_events WHERE ip = $1 AND event_type = 'admin_auth_failed'",
+        ip,
+    )
+    assert refusals == 0
+
+
 async def test_grpc_health_follows_the_database(telemetry: Running) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{telemetry.service.port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="genmesh.telemetry.v1.TelemetryService")
-        )
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        for name in (
+            "genmesh.telemetry.v1.TelemetryService",
+            "genmesh.telemetry.v1.TelemetryAdminService",
+        ):
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=name)
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
