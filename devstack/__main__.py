@@ -96,7 +96,8 @@ def print_summary(config: MeshConfig, seconds: float) -> None:
     )
     rows = [
         ("REST gateway (Envoy)", config.gateway_url),
-        ("Envoy admin", f"http://127.0.0.1:{config.gateway_admin_port}"),
+        ("Envoy admin (loopback)", f"http://127.0.0.1:{config.gateway_admin_port}"),
+        ("Envoy stats", f"http://{config.gateway_host}:{config.gateway_ops_port}/stats/prometheus"),
         ("generation (gRPC)", config.generation_addr),
         ("quota (gRPC)", config.quota_addr),
         ("telemetry (gRPC)", config.telemetry_addr),

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.infra import InfraError, port_open
+from devstack.infra import InfraError, free_port, port_open
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT_SECONDS = 12.0  # each child drains within SHUTDOWN_GRACE_SECONDS; all stop < 15 s
@@ -43,6 +43,7 @@ class MeshConfig:
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     gateway_admin_port: int = 9901
+    gateway_ops_port: int = 9902
     simulator_port: int = 8900
     metrics_ports: dict[str, int] = field(
         default_factory=lambda: {"generation": 9101, "quota": 9102, "telemetry": 9103}
@@ -82,6 +83,7 @@ class MeshConfig:
             gateway_host=env.get("GATEWAY_LISTEN_HOST", defaults.gateway_host),
             gateway_port=int(env.get("GATEWAY_PORT", defaults.gateway_port)),
             gateway_admin_port=int(env.get("GATEWAY_ADMIN_PORT", defaults.gateway_admin_port)),
+            gateway_ops_port=int(env.get("GATEWAY_OPS_PORT", defaults.gateway_ops_port)),
             simulator_port=int(env.get("SIM_PORT", defaults.simulator_port)),
             metrics_ports=metrics,
             openai_api_key=env.get("OPENAI_API_KEY", ""),
@@ -222,10 +224,17 @@ class Mesh:
 
     def _start_envoy(self) -> None:
         c = self.config
-        self.start_gateway("envoy", c.gateway_port, c.gateway_admin_port)
+        self.start_gateway(
+            "envoy", c.gateway_port, c.gateway_admin_port, ops_port=c.gateway_ops_port
+        )
 
     def start_gateway(
-        self, name: str, port: int, admin_port: int, overrides: Mapping[str, str] | None = None
+        self,
+        name: str,
+        port: int,
+        admin_port: int,
+        overrides: Mapping[str, str] | None = None,
+        ops_port: int | None = None,
     ) -> Child:
         """An Envoy in front of the services, run as in the container (render the config from
         the environment, then become Envoy), with `overrides` on top of that environment;
@@ -238,6 +247,8 @@ class Mesh:
                 "GATEWAY_LISTEN_HOST": c.gateway_host,
                 "GATEWAY_PORT": str(port),
                 "GATEWAY_ADMIN_PORT": str(admin_port),
+                # Another Envoy of this machine may hold the default: pick a free port.
+                "GATEWAY_OPS_PORT": str(ops_port or free_port()),
                 **(overrides or {}),
             }
         )

@@ -11,139 +11,38 @@ reads as double-quoted scalars, so no setting can break (or inject into) the YAM
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
-import re
-import secrets
 import shutil
 import sys
 from pathlib import Path
 from string import Template
-from typing import Literal
+from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from services.gateway.jwt_providers import TYPE_URL, jwks_clusters, providers, requirement
+from services.gateway.settings import DEFAULT_DESCRIPTOR_SET, GatewaySettings, split_addr
+
+__all__ = ["DEFAULT_DESCRIPTOR_SET", "GatewaySettings", "render", "split_addr"]
+
 TEMPLATE = Path(__file__).resolve().with_name("envoy.yaml.tmpl")
-DEFAULT_DESCRIPTOR_SET = REPO_ROOT / "gen" / "genmesh.pb"
 HSTS_VALUE = "max-age=63072000; includeSubDomains"
-
-# A host is an IPv4/IPv6 address or a DNS name; nothing that could mean something to YAML.
-_HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
-
-
-def _check_host(value: str) -> str:
-    if not _HOST_RE.fullmatch(value):
-        raise ValueError(f"not a host name or IP address: {value!r}")
-    return value
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """Split "host:port" or "[v6]:port" into its parts."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected host:port, got {addr!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    number = int(port)
-    if not 0 < number < 65536:
-        raise ValueError(f"port out of range in {addr!r}")
-    return _check_host(host), number
-
-
-class GatewaySettings(BaseSettings):
-    """Everything environment-specific in the gateway. Each field reads the env var in its alias."""
-
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
-
-    # Public listener address. 127.0.0.1 locally; 0.0.0.0 in a container.
-    listen_host: str = Field(default="127.0.0.1", alias="GATEWAY_LISTEN_HOST")
-    # Public listener port (REST/JSON and HTTP/2).
-    port: int = Field(default=8080, ge=1, le=65535, alias="GATEWAY_PORT")
-    # Envoy admin API address: it can stop Envoy and dump its config, so keep it on loopback.
-    admin_host: str = Field(default="127.0.0.1", alias="GATEWAY_ADMIN_HOST")
-    # Envoy admin API port (/ready, /stats, /clusters).
-    admin_port: int = Field(default=9901, ge=1, le=65535, alias="GATEWAY_ADMIN_PORT")
-    # gRPC upstreams, host:port; a host may be an IP or a DNS name (STRICT_DNS clusters).
-    generation_addr: str = Field(default="127.0.0.1:50051", alias="GENERATION_ADDR")
-    quota_addr: str = Field(default="127.0.0.1:50052", alias="QUOTA_ADDR")
-    telemetry_addr: str = Field(default="127.0.0.1:50053", alias="TELEMETRY_ADDR")
-    # FileDescriptorSet for the JSON transcoder (from scripts/build_protos.py); made absolute.
-    descriptor_set: Path = Field(default=DEFAULT_DESCRIPTOR_SET, alias="GATEWAY_DESCRIPTOR_SET")
-    # HS256 secret that signs user JWTs (Supabase's JWT secret). Empty: every bearer token is
-    # rejected with 401 (no key verifies anything) and requests without one are guests.
-    supabase_jwt_secret: SecretStr = Field(default=SecretStr(""), alias="SUPABASE_JWT_SECRET")
-    # Required `iss` claim; empty accepts any issuer.
-    jwt_issuer: str = Field(default="", alias="GATEWAY_JWT_ISSUER")
-    # Accepted `aud` values, comma-separated (Supabase user tokens carry "authenticated");
-    # empty accepts any audience, including none.
-    jwt_audience: str = Field(default="", alias="GATEWAY_JWT_AUDIENCE")
-    # Proxies in front of Envoy that append to X-Forwarded-For (a cloud load balancer: 1).
-    # 0 means the TCP peer is the client and X-Forwarded-For is ignored.
-    trusted_proxy_hops: int = Field(default=0, ge=0, le=10, alias="GATEWAY_TRUSTED_PROXY_HOPS")
-    # Largest request body accepted; larger gets 413. 8 MiB: a 5 MiB image in base64 JSON.
-    max_request_bytes: int = Field(
-        default=8 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024, alias="GATEWAY_MAX_REQUEST_BYTES"
-    )
-    # Send Strict-Transport-Security (two years, subdomains). Only behind TLS: production.
-    hsts: bool = Field(default=False, alias="GATEWAY_HSTS")
-    # Cap on open downstream connections across the listener.
-    max_connections: int = Field(default=10000, ge=1, alias="GATEWAY_MAX_CONNECTIONS")
-    # Rate limits and blocks from the quota service (Envoy's rate limit service API); false
-    # turns the check off (the filter stays but asks nothing).
-    rate_limit: bool = Field(default=True, alias="GATEWAY_RATE_LIMIT")
-    # How long Envoy waits for the rate-limit decision before letting the request pass.
-    rate_limit_timeout_ms: int = Field(
-        default=100, ge=1, le=10_000, alias="GATEWAY_RATE_LIMIT_TIMEOUT_MS"
-    )
-    # Refuse requests (503) when no decision comes in time, instead of letting them pass.
-    rate_limit_fail_closed: bool = Field(default=False, alias="GATEWAY_RATE_LIMIT_FAIL_CLOSED")
-    # Envoy worker threads (`--exec` only). 0 = Envoy's default, one per CPU of the machine,
-    # which in a container means the node's CPUs, not the pod's limit: set it there.
-    concurrency: int = Field(default=0, ge=0, le=256, alias="GATEWAY_CONCURRENCY")
-    # Envoy's own log level (`--exec` only; access logs always go to stdout).
-    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = Field(
-        default="info", alias="GATEWAY_LOG_LEVEL"
-    )
-
-    @field_validator("listen_host", "admin_host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        return _check_host(value)
-
-    @field_validator("generation_addr", "quota_addr", "telemetry_addr")
-    @classmethod
-    def _addr(cls, value: str) -> str:
-        split_addr(value)
-        return value
-
-    @field_validator("descriptor_set")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value if value.is_absolute() else (REPO_ROOT / value).resolve()
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-    @property
-    def audiences(self) -> list[str]:
-        return [a.strip() for a in self.jwt_audience.split(",") if a.strip()]
-
-
-def jwks(secret: str) -> str:
-    """The local JWKS for an HS256 secret: one `oct` key, base64url without padding.
-
-    Supabase (like most JWT libraries) uses the secret string's UTF-8 bytes as the HMAC key.
-    Without a secret, Envoy still needs a key (it refuses an empty JWKS), so the key is 32
-    random bytes that nobody knows and that are never written anywhere else: no token
-    verifies, every bearer token gets 401, and requests without one stay guests.
-    """
-    key = secret.encode() if secret else secrets.token_bytes(32)
-    k = base64.urlsafe_b64encode(key).rstrip(b"=").decode()
-    return json.dumps({"keys": [{"kty": "oct", "alg": "HS256", "k": k}]})
+TRANSCODER_TYPE = "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
+# The services the REST API exposes (internal RPCs are on services not listed, or unannotated).
+TRANSCODED_SERVICES = (
+    "genmesh.generation.v1.GenerationService",
+    "genmesh.generation.v1.GenerationAdminService",
+    "genmesh.quota.v1.QuotaService",
+    "genmesh.quota.v1.QuotaAdminService",
+    "genmesh.telemetry.v1.TelemetryService",
+    "genmesh.telemetry.v1.TelemetryAdminService",
+)
+# Request headers a browser may send cross-origin, and response headers its scripts may read.
+CORS_ALLOW_HEADERS = "authorization, content-type, idempotency-key, x-request-id"
+CORS_EXPOSE_HEADERS = (
+    "retry-after, x-request-id, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset"
+)
 
 
 def _q(value: object) -> str:
@@ -151,29 +50,85 @@ def _q(value: object) -> str:
     return json.dumps(value)
 
 
+def cors_policy(settings: GatewaySettings) -> dict[str, Any]:
+    """The virtual host's CORS policy: exactly the listed origins, with credentials (so the
+    allowed origin is echoed back, never `*`). No origins: no origin matches, no CORS headers
+    are sent, and browsers keep to same-origin."""
+    return {
+        "@type": f"{TYPE_URL}/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"exact": origin} for origin in settings.origins],
+        "allow_methods": "GET, POST, OPTIONS",
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "allow_credentials": True,
+        "max_age": "600",
+    }
+
+
+def transcoder(settings: GatewaySettings, max_request_bytes: int) -> dict[str, Any]:
+    """The JSON transcoder's config: REST/JSON <-> gRPC from the google.api.http annotations
+    only. `max_request_bytes` is the route's body limit: the buffer filter hands it the whole
+    body at once, and it refuses a piece over the limit (413; see the template, step 5). The
+    response limit is the largest body limit."""
+    return {
+        "@type": f"{TYPE_URL}/{TRANSCODER_TYPE}",
+        "proto_descriptor": str(settings.descriptor_set),
+        "services": list(TRANSCODED_SERVICES),
+        "auto_mapping": False,
+        "match_incoming_request_route": False,
+        # gRPC errors become HTTP statuses with a google.rpc.Status JSON body.
+        "convert_grpc_status": True,
+        "max_request_body_size": max_request_bytes,
+        "max_response_body_size": max(settings.max_request_bytes, settings.max_body_bytes),
+        "print_options": {
+            "add_whitespace": False,
+            "always_print_primitive_fields": True,
+            "always_print_enums_as_ints": False,
+            "preserve_proto_field_names": True,
+            # StreamGenerate as text/event-stream, one `data:` event per message.
+            "stream_sse_style_delimited": True,
+        },
+        "request_validation_options": {
+            # Unknown /api paths are a 404 here instead of reaching a service.
+            "reject_unknown_method": True,
+            "reject_unknown_query_parameters": True,
+        },
+    }
+
+
 def substitutions(settings: GatewaySettings) -> dict[str, str]:
     generation_host, generation_port = split_addr(settings.generation_addr)
     quota_host, quota_port = split_addr(settings.quota_addr)
     telemetry_host, telemetry_port = split_addr(settings.telemetry_addr)
+    jwt_providers = providers(settings)
     return {
         "LISTEN_HOST": _q(settings.listen_host),
         "LISTEN_PORT": str(settings.port),
-        "ADMIN_HOST": _q(settings.admin_host),
         "ADMIN_PORT": str(settings.admin_port),
+        "OPS_PORT": str(settings.ops_port),
         "GENERATION_HOST": _q(generation_host),
         "GENERATION_PORT": str(generation_port),
         "QUOTA_HOST": _q(quota_host),
         "QUOTA_PORT": str(quota_port),
         "TELEMETRY_HOST": _q(telemetry_host),
         "TELEMETRY_PORT": str(telemetry_port),
-        "DESCRIPTOR_SET": _q(str(settings.descriptor_set)),
-        "JWKS": _q(jwks(settings.supabase_jwt_secret.get_secret_value())),
-        "JWT_ISSUER": _q(settings.jwt_issuer),
-        "JWT_AUDIENCES": _q(settings.audiences),
+        "TRANSCODER": _q(transcoder(settings, settings.max_body_bytes)),
+        "TRANSCODER_GENERATE": _q(transcoder(settings, settings.max_request_bytes)),
+        "JWT_PROVIDERS": _q(jwt_providers),
+        "JWT_REQUIREMENT": _q(requirement(list(jwt_providers))),
+        # Whole cluster entries of the clusters list, or nothing.
+        "JWKS_CLUSTERS": "".join(f"    - {_q(c)}\n" for c in jwks_clusters(settings)),
         "TRUSTED_PROXY_HOPS": str(settings.trusted_proxy_hops),
         "MAX_REQUEST_BYTES": str(settings.max_request_bytes),
+        "MAX_BODY_BYTES": str(settings.max_body_bytes),
+        # What a stream may hold while the filters before the body checks wait: twice the limit,
+        # so flow control never pauses a body the checks have not yet judged.
+        "GENERATE_STREAM_BUFFER": str(2 * settings.max_request_bytes),
+        "BODY_STREAM_BUFFER": str(2 * settings.max_body_bytes),
+        "CORS_POLICY": _q(cors_policy(settings)),
         "HSTS_VALUE": _q(HSTS_VALUE if settings.hsts else ""),
         "MAX_CONNECTIONS": str(settings.max_connections),
+        "MAX_HEAP_BYTES": str(settings.max_heap_bytes),
         "RATE_LIMIT_TIMEOUT": _q(f"{settings.rate_limit_timeout_ms / 1000:g}s"),
         "RATE_LIMIT_FAIL_CLOSED": _q(settings.rate_limit_fail_closed),
         "RATE_LIMIT_PERCENT": "100" if settings.rate_limit else "0",
@@ -220,7 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write here (default: stdout)")
     parser.add_argument("--exec", action="store_true", help="then replace this process by Envoy")
     args = parser.parse_args(argv)
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValidationError as err:
+        # One line per bad setting, naming it: a traceback would bury the cause.
+        for error in err.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            sys.stderr.write(f"gateway: {where}: {error['msg']}\n")
+        raise SystemExit(2) from None
     config = render(settings)
     if args.out is None:
         if args.exec:

@@ -21,6 +21,9 @@ from devstack.infra import free_port
 from devstack.mesh import Mesh, MeshConfig
 
 JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
+# A Supabase project URL: tokens must carry iss = <url>/auth/v1 and aud = authenticated.
+SUPABASE_URL = "http://127.0.0.1:54321"
+JWT_ISSUER = f"{SUPABASE_URL}/auth/v1"
 ADMIN_TOKEN = "e2e-admin-token"
 FREE_DAILY_LIMIT = 3
 
@@ -101,7 +104,7 @@ UNLIMITED = {
         "DEFAULT",
     )
     for scope in ("IP", "USER")
-}
+} | {"RATE_LIMIT_ADMIN_FAILURES_PER_IP": "1000000/minute"}
 
 
 def mesh_config(
@@ -117,11 +120,13 @@ def mesh_config(
         telemetry_addr=f"127.0.0.1:{free_port()}",
         gateway_port=free_port(),
         gateway_admin_port=free_port(),
+        gateway_ops_port=free_port(),
         simulator_port=free_port(),
         metrics_ports={"generation": 0, "quota": 0, "telemetry": 0},
         log_dir=log_dir,
         extra_env={
             "SUPABASE_JWT_SECRET": JWT_SECRET,
+            "SUPABASE_URL": SUPABASE_URL,
             "GENMESH_ADMIN_TOKEN": ADMIN_TOKEN,
             "HEALTH_PROBE_INTERVAL_SECONDS": "1",
             "STATS_PUBLISH_INTERVAL_SECONDS": "1",
@@ -177,6 +182,7 @@ def token_for(user_id: str, email: str = "", **claims: object) -> str:
         "sub": user_id,
         "role": "authenticated",
         "aud": "authenticated",
+        "iss": JWT_ISSUER,
         "exp": int(time.time()) + 600,
         **claims,
     }

@@ -7,7 +7,6 @@ import secrets
 import uuid
 
 import grpc
-import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -16,7 +15,7 @@ from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
 from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.errors import Reason, error_info_from_call
-from tests.e2e.conftest import RunningMesh, token_for
+from tests.e2e.conftest import RunningMesh
 
 pytestmark = pytest.mark.e2e
 
@@ -91,19 +90,21 @@ async def test_internal_rpcs_are_not_reachable_through_the_gateway(mesh: Running
     assert caught.value.code() != grpc.StatusCode.OK
 
 
-def test_one_trace_runs_from_the_request_to_postgres_redis_and_the_model(
+async def test_an_internal_callers_trace_runs_to_postgres_redis_and_the_model(
     mesh: RunningMesh,
 ) -> None:
+    """Internal callers reach the services directly and may propagate their trace context
+    (through the gateway a client's is set aside: tests/e2e/test_trace_sampling.py)."""
     trace_id = secrets.token_hex(16)
     traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
-    r = httpx.post(
-        f"{mesh.url}/api/generate",
-        json={"text": f"trace me {uuid.uuid4()}"},
-        # A signed-in user, so quota's reservation goes to PostgreSQL.
-        headers={"traceparent": traceparent, "authorization": f"Bearer {token_for('tracer')}"},
-        timeout=30,
-    )
-    assert r.status_code == 200, r.text
+    async with grpc.aio.insecure_channel(mesh.config.generation_addr) as channel:
+        reply = await generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+            generation_pb2.GenerateRequest(text=f"trace me {uuid.uuid4()}"),
+            # A signed-in user, so quota's reservation goes to PostgreSQL.
+            metadata=(("traceparent", traceparent), ("x-genmesh-user-id", "tracer")),
+            timeout=30,
+        )
+    assert reply.text
     spans = mesh.collector.wait_for_spans(
         trace_id,
         {
@@ -114,7 +115,7 @@ def test_one_trace_runs_from_the_request_to_postgres_redis_and_the_model(
             ("generation", "openai.chat.completions"),
         },
     )
-    # The gateway-facing service and quota share the trace the client started ...
+    # The service called and quota share the trace the caller started ...
     assert {"generation", "quota"} <= {service for service, _ in spans}, spans
     # ... down to PostgreSQL, Redis and the model.
     assert ("quota", "INSERT") in spans, spans

@@ -361,3 +361,87 @@ async def test_unsettled_reservations_expire_and_give_their_unit_back(
         used["guest"] = gateway.get("/api/quota", headers=as_client(ip)).json()["used"]
         used["user"] = gateway.get("/api/quota", headers=as_client(ip, **bearer)).json()["used"]
     assert used == {"guest": 0, "user": 0}
+
+
+# -- failed admin attempts and edge events -----------------------------------------------------
+
+
+async def test_admin_guessing_is_throttled_then_blocked_and_reported_once(
+    gateway: httpx.Client, database_url: str
+) -> None:
+    """A guesser gets its 401/403s for the first few tries (admin_failures: 5 a minute by
+    default), then 429 before the service is asked, then a block; the database gets one
+    aggregated event per burst, not a row per guess."""
+    ip = fresh_ipv4()
+    statuses = [
+        gateway.get("/api/admin/blocks", headers=as_client(ip, **{"x-admin-token": f"g{n}"}))
+        for n in range(5)
+    ]
+    assert [r.status_code for r in statuses] == [403] * 5, [r.text for r in statuses]
+    refused = gateway.get("/api/admin/blocks", headers=as_client(ip, **{"x-admin-token": "g5"}))
+    assert refused.status_code == 429
+    assert reason(refused) == "RATE_LIMITED"
+    assert metadata(refused)["limit"] == "admin_failures"
+    assert int(refused.headers["retry-after"]) > 0
+    # Only failures are counted: the right token still works from the same network.
+    with_token = gateway.get(
+        "/api/admin/blocks", headers=as_client(ip, **{"x-admin-token": ADMIN_TOKEN})
+    )
+    assert with_token.status_code == 200, with_token.text
+    for n in range(BLOCK_AFTER):
+        gateway.get("/api/admin/blocks", headers=as_client(ip, **{"x-admin-token": f"h{n}"}))
+    blocked = feedback(gateway, ip)
+    assert blocked.status_code == 429
+    assert metadata(blocked)["limit"] == "block"
+    found = await wait_for_rows(
+        database_url,
+        "SELECT event_type FROM security_events WHERE ip = $1 ORDER BY created_at",
+        ip,
+        count=4,
+    )
+    kinds = [r["event_type"] for r in found]
+    assert kinds.count("admin_auth_failed") == 1, kinds
+    assert kinds.count("rate_limit_exceeded") == 1, kinds
+    assert kinds.count("rate_limit_block") == 1, kinds
+    assert kinds.count("admin_action") == 1, kinds  # the call with the right token
+    await asyncio.sleep(1)
+    again = await rows(database_url, "SELECT 1 FROM security_events WHERE ip = $1", ip)
+    assert len(again) == len(found)  # 9 failed attempts, 3 rows about them
+
+
+def test_admin_with_the_role_claim_or_the_token_and_not_with_a_users_token(
+    gateway: httpx.Client,
+) -> None:
+    user = token_for(f"user-{uuid.uuid4()}")
+    admin = token_for(f"admin-{uuid.uuid4()}", app_metadata={"role": "admin"})
+    cases = [
+        ({}, 401),
+        ({"authorization": f"Bearer {user}"}, 403),
+        ({"authorization": f"Bearer {admin}"}, 200),
+        ({"x-admin-token": ADMIN_TOKEN}, 200),
+    ]
+    for headers, status in cases:
+        for path in ("/api/admin/blocks", "/api/admin/health", "/api/admin/cache"):
+            # Each from its own network: failed attempts are counted per network.
+            r = gateway.get(path, headers=as_client(fresh_ipv4(), **headers))
+            assert r.status_code == status, (path, headers, r.text)
+
+
+async def test_a_burst_of_bad_tokens_becomes_one_edge_security_event(
+    gateway: httpx.Client, database_url: str
+) -> None:
+    """401s never reach a service: Envoy ships them to telemetry's access log service, which
+    records one event per burst from a client network (20 in a minute by default)."""
+    ip = fresh_ipv4()
+    for _ in range(25):
+        r = gateway.get("/api/quota", headers=as_client(ip, authorization="Bearer not-a-jwt"))
+        assert r.status_code == 401
+    found = await wait_for_rows(
+        database_url,
+        "SELECT event_type, details FROM security_events WHERE ip = $1",
+        ip,
+        timeout=20,
+    )
+    assert [r["event_type"] for r in found] == ["edge_unauthenticated_burst"]
+    await asyncio.sleep(2)  # Envoy flushes its access log every second: nothing more comes
+    assert len(await rows(database_url, "SELECT 1 FROM security_events WHERE ip = $1", ip)) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -40,6 +41,8 @@ from services.quota.ratelimit.rls import RlsMessages
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop"
+SUPABASE_URL = "https://project.supabase.test"
+ISSUER = f"{SUPABASE_URL}/auth/v1"
 SETTING_ENV = [str(f.alias) for f in GatewaySettings.model_fields.values()]
 TRANSCODED = [
     "genmesh.generation.v1.GenerationService",
@@ -47,6 +50,7 @@ TRANSCODED = [
     "genmesh.quota.v1.QuotaService",
     "genmesh.quota.v1.QuotaAdminService",
     "genmesh.telemetry.v1.TelemetryService",
+    "genmesh.telemetry.v1.TelemetryAdminService",
 ]
 # The REST surface from the design: gRPC method -> (cluster, timeout).
 PUBLIC_ROUTES = {
@@ -63,6 +67,7 @@ PUBLIC_ROUTES = {
     "/genmesh.telemetry.v1.TelemetryService/JoinWishlist": ("telemetry", "30s"),
     "/genmesh.telemetry.v1.TelemetryService/TrackEvents": ("telemetry", "30s"),
     "/genmesh.telemetry.v1.TelemetryService/GetHealth": ("telemetry", "5s"),
+    "/genmesh.telemetry.v1.TelemetryAdminService/GetHealthReport": ("telemetry", "5s"),
 }
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
@@ -94,6 +99,31 @@ def http_filter(config: dict[str, Any], name: str) -> dict[str, Any]:
     raise AssertionError(f"no {name} filter")
 
 
+def ops_listener(config: dict[str, Any]) -> dict[str, Any]:
+    (ops,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "ops"]
+    listener: dict[str, Any] = ops
+    return listener
+
+
+def cors(config: dict[str, Any]) -> dict[str, Any]:
+    """The CORS policy on the API's virtual host."""
+    vhost = hcm(config)["route_config"]["virtual_hosts"][0]
+    policy: dict[str, Any] = vhost["typed_per_filter_config"]["envoy.filters.http.cors"]
+    return policy
+
+
+def generate_transcoder(config: dict[str, Any]) -> dict[str, Any]:
+    """The transcoder's per-route config on the generate marker route (its body limit)."""
+    vhost = hcm(config)["route_config"]["virtual_hosts"][0]
+    (marker,) = [
+        r for r in vhost["routes"] if r["match"].get("prefix") == "/api/generate" and "route" in r
+    ]
+    typed: dict[str, Any] = marker["typed_per_filter_config"][
+        "envoy.filters.http.grpc_json_transcoder"
+    ]
+    return typed
+
+
 def clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in config["static_resources"]["clusters"]}
 
@@ -105,7 +135,7 @@ def endpoint(cluster: dict[str, Any]) -> tuple[str, int]:
 
 
 def jwks_key(config: dict[str, Any]) -> str:
-    provider = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["supabase"]
+    provider = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["supabase_hs256"]
     keys = json.loads(provider["local_jwks"]["inline_string"])["keys"]
     assert len(keys) == 1
     assert keys[0]["kty"] == "oct"
@@ -132,8 +162,10 @@ def free_port() -> int:
 
 
 def token(claims: dict[str, Any], secret: str = SECRET) -> str:
+    """An HS256 user token as Supabase mints it (issuer, audience, a 10 minute life)."""
     now = int(time.time())
-    return jwt.encode({"iat": now, "exp": now + 600, **claims}, secret, algorithm="HS256")
+    payload = {"iss": ISSUER, "aud": "authenticated", "iat": now, "exp": now + 600, **claims}
+    return jwt.encode(payload, secret, algorithm="HS256")
 
 
 def b64url(data: dict[str, Any]) -> str:
@@ -156,7 +188,8 @@ def received(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
 
 @dataclass
 class Telemetry(telemetry_pb2_grpc.TelemetryServiceServicer):
-    """Echoes the metadata it received as GetHealth's dependencies (name = header)."""
+    """Echoes the metadata it received, as JSON in GetHealth's `status` (the one free-text
+    field the public health answer has)."""
 
     calls: list[str] = field(default_factory=list)
 
@@ -167,8 +200,7 @@ class Telemetry(telemetry_pb2_grpc.TelemetryServiceServicer):
         metadata = received(context)
         if "x-test-delay" in metadata:
             await asyncio.sleep(float(metadata["x-test-delay"]))
-        deps = [telemetry_pb2.DependencyHealth(name=k, detail=v) for k, v in metadata.items()]
-        return telemetry_pb2.GetHealthResponse(status="healthy", dependencies=deps)
+        return telemetry_pb2.GetHealthResponse(status=json.dumps(metadata))
 
     async def SubmitFeedback(
         self,
@@ -308,11 +340,13 @@ async def start_gateway(
     settings = GatewaySettings(
         GATEWAY_PORT=port,
         GATEWAY_ADMIN_PORT=admin_port,
+        GATEWAY_OPS_PORT=free_port(),
         GENERATION_ADDR=f"127.0.0.1:{upstream_port}",
         TELEMETRY_ADDR=f"127.0.0.1:{upstream_port}",
         QUOTA_ADDR=f"127.0.0.1:{quota_port or free_port()}",
         GATEWAY_DESCRIPTOR_SET=DEFAULT_DESCRIPTOR_SET,
         SUPABASE_JWT_SECRET=SecretStr(secret),
+        SUPABASE_URL=SUPABASE_URL,
         GATEWAY_MAX_REQUEST_BYTES=max_request_bytes,
         **{"GATEWAY_LOG_LEVEL": "warning", **overrides},
     )
@@ -378,12 +412,44 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 MAX_BYTES = 3 * 1024 * 1024
+# The default limit of every route but generate (GATEWAY_MAX_BODY_BYTES).
+BODY_BYTES = 64 * 1024
 
 
 def echoed(response: httpx.Response) -> dict[str, str]:
     """The metadata the service received, from the echoing GetHealth."""
     assert response.status_code == 200, response.text
-    return {d["name"]: d["detail"] for d in response.json()["dependencies"]}
+    echo: dict[str, str] = json.loads(response.json()["status"])
+    return echo
+
+
+async def post_chunked(port: int, path: str, body: bytes, chunk: int) -> tuple[int, bytes]:
+    """POST `body` with chunked transfer encoding, reading the answer while sending, as
+    browsers and curl do (httpx reads only once it has sent everything, and can miss an
+    answer that comes early). Returns the status and the raw response head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            "transfer-encoding: chunked\r\n\r\n".encode()
+        )
+        for start in range(0, len(body), chunk):
+            piece = body[start : start + chunk]
+            writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sending
+        writer.close()
+    return int(head.split(b" ", 2)[1]), head
 
 
 def assert_json_error(response: httpx.Response, status: int, code: int, reason: str) -> None:

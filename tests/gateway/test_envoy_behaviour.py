@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import httpx
@@ -15,6 +16,7 @@ from google.rpc import code_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from tests.gateway.harness import (
+    BODY_BYTES,
     GRPC_PLUMBING,
     MAX_BYTES,
     SECRET,
@@ -25,11 +27,12 @@ from tests.gateway.harness import (
     b64url,
     echoed,
     hs256,
+    post_chunked,
     token,
 )
 
 
-async def test_health_reaches_the_service_with_request_id_and_trace_context(
+async def test_health_reaches_the_service_with_request_id_and_no_client_trace_context(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -40,12 +43,15 @@ async def test_health_reaches_the_service_with_request_id_and_trace_context(
             "tracestate": "vendor=value",
             "x-admin-token": "s3cret",
             "x-request-id": "client-chosen",
+            "x-genmesh-client-traceparent": "forged",
         },
     )
     seen = echoed(r)
-    assert r.json()["status"] == "healthy"
-    assert seen["traceparent"] == traceparent
-    assert seen["tracestate"] == "vendor=value"
+    # A client cannot steer sampling: its trace context does not reach the services as one;
+    # it is kept aside (for the access log) under genmesh's own header, never a forged copy.
+    assert "traceparent" not in seen
+    assert "tracestate" not in seen
+    assert seen["x-genmesh-client-traceparent"] == traceparent
     assert seen["x-admin-token"] == "s3cret"
     # Envoy mints the request id, hands it to the service and returns it to the client.
     assert seen["x-request-id"] != "client-chosen"
@@ -54,6 +60,14 @@ async def test_health_reaches_the_service_with_request_id_and_trace_context(
     # A guest: no identity headers.
     assert "x-genmesh-user-id" not in seen
     assert "authorization" not in seen
+
+
+async def test_without_a_client_traceparent_nothing_is_kept_aside(
+    client: httpx.AsyncClient,
+) -> None:
+    seen = echoed(await client.get("/api/health", headers={"x-genmesh-client-traceparent": "x"}))
+    assert "x-genmesh-client-traceparent" not in seen
+    assert "traceparent" not in seen
 
 
 async def test_client_ip_is_the_peer_whatever_the_client_claims(client: httpx.AsyncClient) -> None:
@@ -201,16 +215,49 @@ async def test_retry_after_from_the_service_reaches_the_client(client: httpx.Asy
     assert r.json()["code"] == code_pb2.RESOURCE_EXHAUSTED
 
 
-async def test_body_limit(client: httpx.AsyncClient) -> None:
-    # Over Envoy's default 1 MiB buffer but under the limit: accepted whole.
-    comment = "a" * (2 * 1024 * 1024)
-    r = await client.post("/api/feedback", json={"rating": 5, "comment": comment})
+async def test_generate_takes_a_large_body_up_to_its_limit(client: httpx.AsyncClient) -> None:
+    # Over Envoy's default 1 MiB buffer but under the generate limit: accepted whole.
+    text = "a" * (2 * 1024 * 1024)
+    r = await client.post("/api/generate", json={"text": text})
     assert r.status_code == 200, r.text
-    assert r.json() == {"feedback_id": str(len(comment))}
-    r = await client.post("/api/feedback", json={"rating": 5, "comment": "a" * (MAX_BYTES + 1)})
+    assert r.json()["text"] == text.upper()
+    r = await client.post("/api/generate", json={"text": "a" * (MAX_BYTES + 1)})
     assert_json_error(r, 413, 3, "REQUEST_TOO_LARGE")
     assert str(MAX_BYTES) in r.json()["message"]
     assert r.headers["x-frame-options"] == "DENY"
+
+
+async def chunks(body: bytes, size: int = 16 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+@pytest.mark.parametrize("path", ["/api/feedback", "/api/wishlist", "/api/events"])
+async def test_every_other_route_takes_a_small_body(
+    client: httpx.AsyncClient, gateway: Gateway, upstream: Upstream, path: str
+) -> None:
+    calls = len(upstream.telemetry.calls)
+    r = await client.post(path, json={"comment": "a" * (BODY_BYTES + 1)})
+    assert_json_error(r, 413, 3, "REQUEST_TOO_LARGE")
+    assert str(BODY_BYTES) in r.json()["message"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+    # Chunked (no Content-Length): what arrives is counted, and the chunk that ends the body
+    # too, when it crosses the limit by one byte.
+    over = b'{"comment": "' + b"a" * (BODY_BYTES - 14) + b'"}'
+    assert len(over) == BODY_BYTES + 1
+    for body, size in [(over * 2, 16 * 1024), (over, BODY_BYTES - 10)]:
+        status, head = await post_chunked(gateway.port, path, body, size)
+        assert status == 413, head
+        assert b"x-content-type-options: nosniff" in head
+    assert len(upstream.telemetry.calls) == calls
+    # Exactly at the limit it goes through, in one piece or in chunks.
+    exact = b'{"rating": 5, "comment": "' + b"a" * (BODY_BYTES - 28) + b'"}'
+    assert len(exact) == BODY_BYTES
+    headers = {"content-type": "application/json"}
+    r = await client.post("/api/feedback", content=exact, headers=headers)
+    assert r.status_code == 200, r.text
+    r = await client.post("/api/feedback", content=chunks(exact, size=4096), headers=headers)
+    assert r.status_code == 200, r.text
 
 
 async def test_internal_rpcs_are_not_reachable_as_rest(

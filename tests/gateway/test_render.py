@@ -28,14 +28,18 @@ from tests.gateway.harness import (
     SECRET,
     SECURITY_HEADERS,
     SETTING_ENV,
+    SUPABASE_URL,
     TRANSCODED,
     clusters,
+    cors,
     endpoint,
     envoy_validate,
+    generate_transcoder,
     hcm,
     http_filter,
     jwks_key,
     load,
+    ops_listener,
 )
 
 
@@ -53,14 +57,19 @@ def test_defaults_render_to_the_documented_config(clean_env: pytest.MonkeyPatch)
     assert manager["generate_request_id"] is True
     assert [f["name"] for f in manager["http_filters"]] == [
         "envoy.filters.http.header_mutation",
+        "envoy.filters.http.cors",
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.ratelimit",
         "envoy.filters.http.buffer",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
-    assert http_filter(config, "envoy.filters.http.buffer")["max_request_bytes"] == 8 * 1024 * 1024
+    assert manager["max_request_headers_kb"] == 32
+    assert manager["common_http_protocol_options"]["max_headers_count"] == 100
     transcoder = http_filter(config, "envoy.filters.http.grpc_json_transcoder")
+    # Every route but generate takes a small body; generate's own limit is on its marker route.
+    assert transcoder["max_request_body_size"] == 64 * 1024
+    assert generate_transcoder(config)["max_request_body_size"] == 8 * 1024 * 1024
     assert transcoder["proto_descriptor"] == str(REPO / "gen" / "genmesh.pb")
     assert transcoder["services"] == TRANSCODED
     assert transcoder["convert_grpc_status"] is True
@@ -74,13 +83,41 @@ def test_defaults_render_to_the_documented_config(clean_env: pytest.MonkeyPatch)
         "reject_unknown_query_parameters": True,
     }
     jwt_config = http_filter(config, "envoy.filters.http.jwt_authn")
-    provider = jwt_config["providers"]["supabase"]
-    assert provider["issuer"] == ""
-    assert provider["audiences"] == []
+    # No key configured: one provider with a random key, so every token is refused.
+    assert list(jwt_config["providers"]) == ["supabase_hs256"]
+    provider = jwt_config["providers"]["supabase_hs256"]
+    assert provider["audiences"] == ["authenticated"]
+    assert provider["require_expiration"] is True
+    assert provider["forward"] is False
     assert provider["claim_to_headers"] == [
         {"header_name": "x-genmesh-user-id", "claim_name": "sub"},
         {"header_name": "x-genmesh-user-email", "claim_name": "email"},
+        {"header_name": "x-genmesh-user-role", "claim_name": "app_metadata.role"},
     ]
+    assert jwt_config["rules"] == [
+        {
+            "match": {"prefix": "/"},
+            "requires": {
+                "requires_any": {
+                    "requirements": [{"provider_name": "supabase_hs256"}, {"allow_missing": {}}]
+                }
+            },
+        }
+    ]
+    # The admin API is on loopback whatever the settings; the ops listener serves the rest.
+    assert ops_listener(config)["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 9902,
+    }
+    # No CORS origin: no origin matches.
+    assert cors(config)["allow_origin_string_match"] == []
+    heap = config["overload_manager"]["resource_monitors"][1]["typed_config"]
+    assert heap["max_heap_size_bytes"] == 384 * 1024 * 1024
+    actions = {a["name"] for a in config["overload_manager"]["actions"]}
+    assert {
+        "envoy.overload_actions.stop_accepting_requests",
+        "envoy.overload_actions.reset_high_memory_stream",
+    } <= actions
     # HSTS is off: its value is empty, and Envoy adds no header with an empty value.
     mutations = http_filter(config, "envoy.filters.http.header_mutation")["mutations"]
     values = {
@@ -105,6 +142,26 @@ def test_defaults_render_to_the_documented_config(clean_env: pytest.MonkeyPatch)
     assert [[next(iter(a)) for a in limit["actions"]] for limit in ratelimit["rate_limits"]] == [
         ["request_headers", "remote_address"],
         ["request_headers", "request_headers"],
+        [
+            "header_value_match",
+            "request_headers",
+            "remote_address",
+            "request_headers",
+            "request_headers",
+            "request_headers",
+        ],
+    ]
+    admin_auth = ratelimit["rate_limits"][2]["actions"]
+    assert admin_auth[0]["header_value_match"]["headers"] == [
+        {"name": ":path", "string_match": {"prefix": "/api/admin/"}}
+    ]
+    assert [
+        a["request_headers"]["descriptor_key"] for a in admin_auth if "request_headers" in a
+    ] == [
+        "path",
+        "admin_token",
+        "user",
+        "role",
     ]
     assert ratelimit["rate_limits"][1]["actions"][1]["request_headers"] == {
         "header_name": "x-genmesh-user-id",
@@ -120,8 +177,8 @@ def test_environment_overrides_every_setting(clean_env: pytest.MonkeyPatch) -> N
     for name, value in {
         "GATEWAY_LISTEN_HOST": "0.0.0.0",
         "GATEWAY_PORT": "18080",
-        "GATEWAY_ADMIN_HOST": "127.0.0.2",
         "GATEWAY_ADMIN_PORT": "19901",
+        "GATEWAY_OPS_PORT": "19902",
         "GENERATION_ADDR": "generation.genmesh.svc.cluster.local:7001",
         "QUOTA_ADDR": "[::1]:7002",
         "TELEMETRY_ADDR": "10.0.0.3:7003",
@@ -129,8 +186,13 @@ def test_environment_overrides_every_setting(clean_env: pytest.MonkeyPatch) -> N
         "SUPABASE_JWT_SECRET": SECRET,
         "GATEWAY_JWT_ISSUER": "https://example.supabase.co/auth/v1",
         "GATEWAY_JWT_AUDIENCE": "authenticated, other",
+        "GATEWAY_JWKS_FILE": "/etc/genmesh/jwks.json",
+        "GATEWAY_ADMIN_ROLE_CLAIM": "claims.genmesh_role",
         "GATEWAY_TRUSTED_PROXY_HOPS": "2",
         "GATEWAY_MAX_REQUEST_BYTES": "1048576",
+        "GATEWAY_MAX_BODY_BYTES": "4096",
+        "GATEWAY_MAX_HEAP_BYTES": str(256 * 1024 * 1024),
+        "GATEWAY_CORS_ORIGINS": "https://app.example.com, http://localhost:5173",
         "GATEWAY_HSTS": "true",
         "GATEWAY_MAX_CONNECTIONS": "500",
         "GATEWAY_RATE_LIMIT": "false",
@@ -143,22 +205,46 @@ def test_environment_overrides_every_setting(clean_env: pytest.MonkeyPatch) -> N
     config = load(render(settings))
     listener = config["static_resources"]["listeners"][0]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18080}
-    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.2"
-    assert config["admin"]["address"]["socket_address"]["port_value"] == 19901
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 19901,
+    }
+    assert ops_listener(config)["address"]["socket_address"] == {
+        "address": "0.0.0.0",
+        "port_value": 19902,
+    }
     upstreams = clusters(config)
     assert endpoint(upstreams["generation"]) == ("generation.genmesh.svc.cluster.local", 7001)
     assert endpoint(upstreams["quota"]) == ("::1", 7002)
     assert endpoint(upstreams["telemetry"]) == ("10.0.0.3", 7003)
     assert all(
-        c["type"] == "STRICT_DNS" for name, c in upstreams.items() if name != "not_transcoded"
+        c["type"] == "STRICT_DNS"
+        for name, c in upstreams.items()
+        if name not in ("not_transcoded", "envoy_admin")
     )
     transcoder = http_filter(config, "envoy.filters.http.grpc_json_transcoder")
     assert transcoder["proto_descriptor"] == "/etc/genmesh/genmesh.pb"
     assert hcm(config)["xff_num_trusted_hops"] == 2
-    assert http_filter(config, "envoy.filters.http.buffer")["max_request_bytes"] == 1048576
-    provider = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["supabase"]
-    assert provider["issuer"] == "https://example.supabase.co/auth/v1"
-    assert provider["audiences"] == ["authenticated", "other"]
+    assert transcoder["max_request_body_size"] == 4096
+    assert generate_transcoder(config)["max_request_body_size"] == 1048576
+    providers = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]
+    # Both key sources at once: a token passes if either verifies it.
+    assert set(providers) == {"supabase_hs256", "jwks"}
+    assert providers["jwks"]["local_jwks"] == {"filename": "/etc/genmesh/jwks.json"}
+    for provider in providers.values():
+        assert provider["issuer"] == "https://example.supabase.co/auth/v1"
+        assert provider["audiences"] == ["authenticated", "other"]
+        assert provider["claim_to_headers"][2] == {
+            "header_name": "x-genmesh-user-role",
+            "claim_name": "claims.genmesh_role",
+        }
+    assert cors(config)["allow_origin_string_match"] == [
+        {"exact": "https://app.example.com"},
+        {"exact": "http://localhost:5173"},
+    ]
+    assert cors(config)["allow_credentials"] is True
+    heap = config["overload_manager"]["resource_monitors"][1]["typed_config"]
+    assert heap["max_heap_size_bytes"] == 256 * 1024 * 1024
     # The secret's UTF-8 bytes, base64url without padding.
     key = jwks_key(config)
     assert "=" not in key
@@ -196,7 +282,7 @@ def test_strings_cannot_break_out_of_the_yaml(clean_env: pytest.MonkeyPatch) -> 
     tricky = 'a"b\\c\n  injected: true'
     settings = GatewaySettings(SUPABASE_JWT_SECRET=SecretStr(tricky), GATEWAY_JWT_ISSUER=tricky)
     config = load(render(settings))
-    provider = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["supabase"]
+    provider = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]["supabase_hs256"]
     assert provider["issuer"] == tricky
     key = jwks_key(config)
     assert base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)) == tricky.encode()
@@ -212,6 +298,12 @@ def test_strings_cannot_break_out_of_the_yaml(clean_env: pytest.MonkeyPatch) -> 
         ("GATEWAY_PORT", "0"),
         ("GATEWAY_TRUSTED_PROXY_HOPS", "-1"),
         ("GATEWAY_LOG_LEVEL", "loud"),
+        ("GATEWAY_CORS_ORIGINS", "https://app.example.com/path"),
+        ("GATEWAY_CORS_ORIGINS", "*"),
+        ("GATEWAY_ADMIN_ROLE_CLAIM", "app_metadata..role"),
+        ("GATEWAY_JWKS_URL", "file:///etc/passwd"),
+        ("SUPABASE_URL", "not a url"),
+        ("GATEWAY_MAX_BODY_BYTES", "10"),
     ],
 )
 def test_invalid_settings_are_refused(clean_env: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -243,7 +335,9 @@ def test_routes_are_exactly_the_annotated_methods(descriptor_set: Path) -> None:
             for rpc in service.method:
                 if rpc.options.HasExtension(annotations_pb2.http):
                     annotated.add(f"/{file.package}.{service.name}/{rpc.name}")
-    config = load(render(GatewaySettings(SUPABASE_JWT_SECRET=SecretStr(SECRET))))
+    config = load(
+        render(GatewaySettings(SUPABASE_JWT_SECRET=SecretStr(SECRET), SUPABASE_URL=SUPABASE_URL))
+    )
     vhost = hcm(config)["route_config"]["virtual_hosts"][0]
     routed = {r["match"]["path"]: r for r in vhost["routes"] if "path" in r["match"]}
     assert set(routed) == annotated == set(PUBLIC_ROUTES)
@@ -263,13 +357,26 @@ def test_routes_are_exactly_the_annotated_methods(descriptor_set: Path) -> None:
         assert policy["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
     feedback = routed["/genmesh.telemetry.v1.TelemetryService/SubmitFeedback"]["route"]
     assert feedback["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
-    # The only other route is the /api/ marker, which leads to a cluster with no endpoints.
-    others = [r for r in vhost["routes"] if "path" not in r["match"]]
-    assert len(others) == 1
-    assert others[0]["match"]["prefix"] == "/api/"
-    assert others[0]["route"]["cluster"] == "not_transcoded"
+    # The other routes are the /api/ markers, which lead to a cluster with no endpoints.
+    markers = [r for r in vhost["routes"] if "path" not in r["match"]]
+    assert [r["match"]["prefix"] for r in markers] == ["/api/generate", "/api/"]
+    assert {r["route"]["cluster"] for r in markers} == {"not_transcoded"}
     # While the rate limit filter waits, the stream may hold a whole body (up to the limit).
-    assert others[0]["request_body_buffer_limit"] == 8 * 1024 * 1024
+    assert [r["request_body_buffer_limit"] for r in markers] == [16 * 1024 * 1024, 128 * 1024]
+    # Each marker route sets the body limit of the paths it covers, in both checks.
+    buffer = "envoy.filters.http.buffer"
+    transcoder = "envoy.filters.http.grpc_json_transcoder"
+    assert [
+        r["typed_per_filter_config"][buffer]["buffer"]["max_request_bytes"] for r in markers
+    ] == [
+        8 * 1024 * 1024,
+        64 * 1024,
+    ]
+    assert (
+        markers[0]["typed_per_filter_config"][transcoder]["max_request_body_size"]
+        == 8 * 1024 * 1024
+    )
+    assert http_filter(config, transcoder)["max_request_body_size"] == 64 * 1024
     nowhere = clusters(config)["not_transcoded"]
     assert nowhere["load_assignment"] == {"cluster_name": "not_transcoded"}
 
@@ -281,7 +388,7 @@ def test_clusters_speak_http2_and_health_check_their_service(clean_env: pytest.M
         "telemetry": "genmesh.telemetry.v1.TelemetryService",
     }
     for name, cluster in clusters(load(render(GatewaySettings()))).items():
-        if name == "not_transcoded":
+        if name in ("not_transcoded", "envoy_admin"):
             continue
         options = cluster["typed_extension_protocol_options"]
         http = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
@@ -294,13 +401,17 @@ def test_clusters_speak_http2_and_health_check_their_service(clean_env: pytest.M
         assert thresholds["max_pending_requests"] > 0
 
 
-@pytest.mark.parametrize("variant", ["defaults", "overrides", "no-secret"])
+@pytest.mark.parametrize("variant", ["defaults", "overrides", "no-secret", "jwks-url"])
 def test_envoy_accepts_the_rendered_config(
     clean_env: pytest.MonkeyPatch, tmp_path: Path, descriptor_set: Path, variant: str
 ) -> None:
     clean_env.setenv("GATEWAY_DESCRIPTOR_SET", str(descriptor_set))
     if variant != "no-secret":
         clean_env.setenv("SUPABASE_JWT_SECRET", SECRET)
+        clean_env.setenv("SUPABASE_URL", SUPABASE_URL)
+    if variant == "jwks-url":
+        clean_env.setenv("GATEWAY_JWKS_URL", f"{SUPABASE_URL}/auth/v1/.well-known/jwks.json")
+        clean_env.setenv("GATEWAY_CORS_ORIGINS", "https://app.example.com")
     if variant == "overrides":
         clean_env.setenv("GATEWAY_HSTS", "true")
         clean_env.setenv("GATEWAY_TRUSTED_PROXY_HOPS", "1")
@@ -318,7 +429,7 @@ def test_envoy_accepts_the_rendered_config(
 def test_cli_writes_an_owner_only_file(tmp_path: Path, descriptor_set: Path) -> None:
     out = tmp_path / "sub" / "envoy.yaml"
     env = {k: v for k, v in os.environ.items() if k not in SETTING_ENV}
-    env |= {"SUPABASE_JWT_SECRET": SECRET, "GATEWAY_PORT": "18081"}
+    env |= {"SUPABASE_JWT_SECRET": SECRET, "SUPABASE_URL": SUPABASE_URL, "GATEWAY_PORT": "18081"}
     subprocess.run(
         [sys.executable, "-m", "services.gateway.render", "--out", str(out)],
         cwd=REPO,
