@@ -6,8 +6,8 @@ For the base, each overlay, and the base with every component (so a component th
 uses is checked too): `kubectl kustomize`, then every object against the Kubernetes OpenAPI JSON
 schemas that the kubernetes-validate wheel bundles (strict: an unknown or misplaced field is an
 error; no network, no cluster), then the project's own rules (hardened pods, probes on the right
-ports, termination budgets, no secret values). Prints a summary; exits 1 if anything fails, 2 if
-kubectl is missing.
+ports, Envoy's admin API never exposed, termination budgets, no secret values). Prints a
+summary; exits 1 if anything fails, 2 if kubectl is missing.
 """
 
 from __future__ import annotations
@@ -55,7 +55,14 @@ GRPC_SERVICES = (
 )
 GATEWAY_NAME = "gateway"
 GATEWAY_HTTP_PORT = 8080
+# Envoy's admin API (GATEWAY_ADMIN_PORT's default). It can stop Envoy and dump its config, the
+# JWT secret included, so it listens on 127.0.0.1 only and no containerPort may name it.
 GATEWAY_ADMIN_PORT = 9901
+# The ops listener: GET /stats/prometheus and /ready, proxied to the admin API. Probes and
+# Prometheus use it.
+GATEWAY_OPS_PORT = 9902
+# Envoy's heap budget when GATEWAY_MAX_HEAP_BYTES is not set (services/gateway/settings.py).
+GATEWAY_DEFAULT_MAX_HEAP_BYTES = 384 * 1024 * 1024
 # Seconds a pod may need between its grace period ending and SIGKILL being fair: logging,
 # closing pools, the event loop winding down.
 STOP_MARGIN_SECONDS = 5
@@ -75,12 +82,15 @@ class Target:
     path: str | None
     # Secrets with fake values are allowed only where they are generated on purpose (dev).
     fake_secrets_allowed: bool = False
+    # Applied as is (an overlay), not a building block: every setting a workload needs in
+    # order to start must be there (the gateway's JWT issuer).
+    deployable: bool = False
 
 
 TARGETS = (
     Target("base", "base"),
-    Target("overlays/dev", "overlays/dev", fake_secrets_allowed=True),
-    Target("overlays/prod", "overlays/prod"),
+    Target("overlays/dev", "overlays/dev", fake_secrets_allowed=True, deployable=True),
+    Target("overlays/prod", "overlays/prod", deployable=True),
     Target("all-components", None),
 )
 
@@ -352,28 +362,124 @@ def grpc_service_errors(objects: list[Obj], svc: GrpcService) -> list[str]:
     return errors
 
 
-def gateway_errors(objects: list[Obj]) -> list[str]:
+_QUANTITY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_QUANTITY_FACTORS = {
+    None: 1,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def memory_bytes(quantity: object) -> int | None:
+    """A memory quantity ("512Mi", "1G", 536870912) in bytes; None if it is not one."""
+    match = _QUANTITY_RE.fullmatch(str(quantity))
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+def secret_keys(container: Obj) -> set[str]:
+    """The genmesh-secrets keys a container reads (secretKeyRef)."""
+    keys = set()
+    for env in container.get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            keys.add(ref["key"])
+    return keys
+
+
+def gateway_admin_errors(container: Obj, settings: dict[str, str]) -> list[str]:
+    """Envoy's admin API stays on loopback; the kubelet and Prometheus use the ops listener."""
+    errors = []
+    name = "Deployment/gateway"
+    if "GATEWAY_ADMIN_HOST" in settings:
+        errors.append(
+            "gateway-config: GATEWAY_ADMIN_HOST is gone (the admin API is loopback-only): drop it"
+        )
+    admin_port = int(settings.get("GATEWAY_ADMIN_PORT", GATEWAY_ADMIN_PORT))
+    ports = container.get("ports", [])
+    if any(p.get("containerPort") == admin_port for p in ports):
+        errors.append(
+            f"{name}: the admin port {admin_port} must not be a containerPort (it can stop Envoy "
+            "and dump its config): probes and Prometheus use the ops port"
+        )
+    named = {p["name"]: p["containerPort"] for p in ports}
+    if named.get("ops") != GATEWAY_OPS_PORT or settings.get("GATEWAY_OPS_PORT") != str(
+        GATEWAY_OPS_PORT
+    ):
+        errors.append(
+            f"{name}: port ops and GATEWAY_OPS_PORT must both be {GATEWAY_OPS_PORT} (got "
+            f"{named.get('ops')!r}, {settings.get('GATEWAY_OPS_PORT')!r})"
+        )
+    # The ops listener listens on GATEWAY_LISTEN_HOST: on loopback the kubelet could not probe.
+    if settings.get("GATEWAY_LISTEN_HOST") != "0.0.0.0":
+        errors.append("gateway-config: GATEWAY_LISTEN_HOST must be 0.0.0.0")
+    for probe in ("startupProbe", "readinessProbe"):
+        get = (container.get(probe) or {}).get("httpGet", {})
+        if get.get("path") != "/ready" or get.get("port") not in (GATEWAY_OPS_PORT, "ops"):
+            errors.append(f"{name}: {probe} must be GET /ready on the ops port {GATEWAY_OPS_PORT}")
+    return errors
+
+
+def gateway_settings_errors(container: Obj, settings: dict[str, str], target: Target) -> list[str]:
+    """The identity settings and the heap budget."""
+    errors = []
+    # A Supabase project URL (scheme and host); the issuer is "<SUPABASE_URL>/auth/v1".
+    url = settings.get("SUPABASE_URL", "")
+    if url and not re.fullmatch(r"https?://[A-Za-z0-9._-]+(:[0-9]{1,5})?/?", url):
+        errors.append(
+            f"gateway-config: SUPABASE_URL must be the project URL, scheme and host only (the "
+            f"issuer adds /auth/v1), got {url!r}"
+        )
+    has_keys = "SUPABASE_JWT_SECRET" in secret_keys(container) or any(
+        settings.get(key) for key in ("GATEWAY_JWKS_URL", "GATEWAY_JWKS_FILE")
+    )
+    if target.deployable and has_keys and not (url or settings.get("GATEWAY_JWT_ISSUER")):
+        errors.append(
+            "gateway-config: SUPABASE_URL (or GATEWAY_JWT_ISSUER) must be set: with a JWT key "
+            "and no issuer the gateway refuses to start"
+        )
+    # The overload manager must act before the kernel's OOM killer does.
+    heap = int(settings.get("GATEWAY_MAX_HEAP_BYTES", GATEWAY_DEFAULT_MAX_HEAP_BYTES))
+    limit = memory_bytes(container.get("resources", {}).get("limits", {}).get("memory"))
+    if limit is not None and heap >= limit:
+        errors.append(
+            f"gateway-config: GATEWAY_MAX_HEAP_BYTES {heap} must stay below the container's "
+            f"memory limit ({limit} bytes)"
+        )
+    return errors
+
+
+def gateway_errors(objects: list[Obj], target: Target) -> list[str]:
     deployment = find(objects, "Deployment", GATEWAY_NAME)
     service = find(objects, "Service", GATEWAY_NAME)
     if deployment is None or service is None:
         return ["the gateway Deployment and Service must both exist"]
     errors = []
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    ready = container.get("readinessProbe", {}).get("httpGet", {})
-    if ready.get("path") != "/ready" or ready.get("port") != GATEWAY_ADMIN_PORT:
-        errors.append(f"Deployment/gateway: readiness must be GET /ready on {GATEWAY_ADMIN_PORT}")
+    settings = config_map_values(objects, container)
+    errors.extend(gateway_admin_errors(container, settings))
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/port") != str(GATEWAY_OPS_PORT):
+        errors.append(f"Deployment/gateway: Prometheus scrapes the ops port {GATEWAY_OPS_PORT}")
     ports = service["spec"].get("ports", [])
     if [(p.get("port"), p.get("targetPort")) for p in ports] != [(80, "http")]:
         errors.append("Service/gateway: exactly one port, 80 -> http (8080)")
     named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     if named.get("http") != GATEWAY_HTTP_PORT:
         errors.append(f"Deployment/gateway: port http must be {GATEWAY_HTTP_PORT}")
-    settings = config_map_values(objects, container)
     if settings.get("GATEWAY_TRUSTED_PROXY_HOPS") not in ("0", "1"):
         errors.append("gateway-config: GATEWAY_TRUSTED_PROXY_HOPS must be 0 or 1")
     lb = service["spec"].get("type") == "LoadBalancer"
     if lb and settings.get("GATEWAY_TRUSTED_PROXY_HOPS") != "0":
         errors.append("an L4 LoadBalancer adds no X-Forwarded-For: trusted hops must be 0")
+    errors.extend(gateway_settings_errors(container, settings, target))
     return errors
 
 
@@ -421,7 +527,7 @@ def policy_errors(objects: list[Obj], target: Target) -> list[str]:
             errors.extend(hardening_errors(obj, spec))
     for svc in GRPC_SERVICES:
         errors.extend(grpc_service_errors(objects, svc))
-    errors.extend(gateway_errors(objects))
+    errors.extend(gateway_errors(objects, target))
     errors.extend(secret_errors(objects, target.fake_secrets_allowed))
     errors.extend(hpa_errors(objects))
     if find(objects, "Job", "migrate") is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import copy
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from services.gateway.settings import GatewaySettings
+from services.telemetry.settings import TelemetrySettings
 from tests.deploy.netpol import Connection, Endpoint, PolicySet, workload_endpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -216,7 +219,7 @@ def test_services_get_exactly_the_secret_keys_they_need(rendered):
 
     assert secret_keys("generation") == {"REDIS_URL", "OPENAI_API_KEY", "GENMESH_ADMIN_TOKEN"}
     assert secret_keys("quota") == {"DATABASE_URL", "REDIS_URL", "GENMESH_ADMIN_TOKEN"}
-    assert secret_keys("telemetry") == {"DATABASE_URL", "REDIS_URL"}
+    assert secret_keys("telemetry") == {"DATABASE_URL", "REDIS_URL", "GENMESH_ADMIN_TOKEN"}
     assert secret_keys("gateway") == {"SUPABASE_JWT_SECRET"}
     assert secret_keys("migrate") == {"DATABASE_URL"}
 
@@ -244,6 +247,10 @@ def test_service_addresses_and_settings(rendered):
     telemetry = settings("telemetry")
     assert telemetry["GENERATION_ADDR"] == "generation:50051"
     assert telemetry["QUOTA_ADDR"] == "quota:50052"
+    assert telemetry["HEALTH_CACHE_SECONDS"] == "1"
+    assert telemetry["EDGE_EVENT_WINDOW_SECONDS"] == "60"
+    assert telemetry["EDGE_EVENT_THRESHOLD"] == "20"
+    assert telemetry["EDGE_EVENT_MAX_TRACKED"] == "100000"
     for name in SERVICES:
         assert settings(name)["REDIS_KEY_PREFIX"]
         assert settings(name)["LOG_LEVEL"] == "INFO"
@@ -251,9 +258,19 @@ def test_service_addresses_and_settings(rendered):
     assert gateway["GENERATION_ADDR"] == "generation:50051"
     assert gateway["QUOTA_ADDR"] == "quota:50052"
     assert gateway["TELEMETRY_ADDR"] == "telemetry:50053"
-    assert gateway["GATEWAY_LISTEN_HOST"] == "0.0.0.0"
-    assert gateway["GATEWAY_ADMIN_HOST"] == "0.0.0.0"
+    assert gateway["GATEWAY_LISTEN_HOST"] == "0.0.0.0"  # the public and the ops listener
+    # The admin API is loopback-only: its address is no longer a setting.
+    assert "GATEWAY_ADMIN_HOST" not in gateway
+    assert gateway["GATEWAY_OPS_PORT"] == "9902"
     assert gateway["GATEWAY_TRUSTED_PROXY_HOPS"] == "1"
+    assert gateway["SUPABASE_URL"] == ""  # each overlay sets it
+    assert gateway["GATEWAY_JWT_AUDIENCE"] == "authenticated"
+    assert gateway["GATEWAY_ADMIN_ROLE_CLAIM"] == "app_metadata.role"
+    assert gateway["GATEWAY_JWKS_URL"] == gateway["GATEWAY_JWKS_FILE"] == ""
+    assert gateway["GATEWAY_MAX_BODY_BYTES"] == str(64 * 1024)
+    assert gateway["GATEWAY_MAX_REQUEST_BYTES"] == str(8 * 1024 * 1024)
+    assert gateway["GATEWAY_MAX_HEAP_BYTES"] == str(384 * 1024 * 1024)
+    assert gateway["GATEWAY_CORS_ORIGINS"] == ""
 
 
 def test_gateway_exposes_only_the_public_port(rendered):
@@ -262,12 +279,20 @@ def test_gateway_exposes_only_the_public_port(rendered):
         svc = find(objects, "Service", "gateway")
         assert [p["port"] for p in svc["spec"]["ports"]] == [80]
         assert svc["spec"]["ports"][0]["targetPort"] == "http"
-        (container,) = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"][
-            "containers"
-        ]
-        assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 9901}
+        deployment = find(objects, "Deployment", "gateway")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        # Probes and Prometheus use the ops listener (/ready and /stats/prometheus only).
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+            "http": 8080,
+            "ops": 9902,
+        }
+        for probe in ("startupProbe", "readinessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/ready", "port": 9902}, probe
         assert container["livenessProbe"]["tcpSocket"] == {"port": 8080}
         assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == "9902"
+        assert annotations["prometheus.io/path"] == "/stats/prometheus"
     # The L4 load balancer variant trusts no X-Forwarded-For and keeps client addresses.
     objects = rendered["all-components"]
     svc = find(objects, "Service", "gateway")
@@ -275,6 +300,111 @@ def test_gateway_exposes_only_the_public_port(rendered):
     assert svc["spec"]["externalTrafficPolicy"] == "Local"
     (container,) = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
     assert validate.config_map_values(objects, container)["GATEWAY_TRUSTED_PROXY_HOPS"] == "0"
+
+
+def test_envoy_admin_port_is_never_exposed(rendered):
+    """Envoy's admin API (9901) can stop Envoy and dump its config, the JWT secret included:
+    it listens on loopback only, so nothing may point at it from outside the pod."""
+    for target, objects in rendered.items():
+        for obj, spec in pod_specs(objects):
+            for container in spec["containers"]:
+                exposed = [p for p in container.get("ports", []) if p["containerPort"] == 9901]
+                assert exposed == [], f"{target} {validate.describe(obj)} exposes 9901"
+        for svc in (o for o in objects if o["kind"] == "Service"):
+            for port in svc["spec"]["ports"]:
+                assert 9901 not in (port["port"], port.get("targetPort")), target
+        for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+            for rule in policy["spec"].get("ingress", []):
+                assert 9901 not in [p.get("port") for p in rule.get("ports", [])], target
+        (container,) = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        settings = validate.config_map_values(objects, container)
+        assert "GATEWAY_ADMIN_HOST" not in settings, target
+        assert settings.get("GATEWAY_ADMIN_PORT", "9901") == "9901", target
+
+
+def test_gateway_identity_settings_per_overlay(rendered):
+    def gateway(target: str) -> dict[str, str]:
+        objects = rendered[target]
+        (container,) = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        values: dict[str, str] = validate.config_map_values(objects, container)
+        return values
+
+    # Dev: the Supabase CLI's local project (its tokens carry iss .../auth/v1).
+    assert gateway("overlays/dev")["SUPABASE_URL"] == "http://127.0.0.1:54321"
+    # Prod: a placeholder to replace, like the Ingress host and the egress CIDRs.
+    prod = gateway("overlays/prod")
+    assert prod["SUPABASE_URL"] == "https://REPLACE_ME.supabase.co"
+    assert prod["GATEWAY_CORS_ORIGINS"] == ""
+    assert prod["GATEWAY_HSTS"] == "true"
+
+
+def _gateway_settings(objects: list[Obj], secret: dict[str, str]) -> GatewaySettings:
+    """The gateway's own settings model on a rendered ConfigMap plus the Secret's keys."""
+    (container,) = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    values = validate.config_map_values(objects, container)
+    known = {f.alias for f in GatewaySettings.model_fields.values()}
+    assert set(values) - known == set(), "gateway-config has keys the gateway does not read"
+    env = {**values, **{k: secret[k] for k in validate.secret_keys(container)}}
+    return GatewaySettings(**env)
+
+
+def test_overlay_gateway_config_is_accepted_by_the_gateway(rendered, monkeypatch):
+    """The rendered settings pass services/gateway/settings.py (the source of truth): a
+    missing issuer, a stale key or an out-of-range size fails here, not at the pod's start."""
+    for name in list(os.environ):
+        if name.startswith(("GATEWAY_", "SUPABASE_")):
+            monkeypatch.delenv(name)
+    dev = rendered["overlays/dev"]
+    (secret,) = [o for o in dev if o["kind"] == "Secret"]
+    values = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    settings = _gateway_settings(dev, values)
+    assert settings.issuer == "http://127.0.0.1:54321/auth/v1"
+    assert settings.audiences == ["authenticated"]
+    assert (settings.port, settings.ops_port, settings.admin_port) == (8080, 9902, 9901)
+    assert settings.max_body_bytes == 64 * 1024
+    assert settings.max_request_bytes == 8 * 1024 * 1024
+    (container,) = find(dev, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    limit = validate.memory_bytes(container["resources"]["limits"]["memory"])
+    assert settings.max_heap_bytes < limit
+    # Prod's Secret is created out of band with the keys of secret.example.env.
+    example = REPO / "deploy" / "k8s" / "secret.example.env"
+    keys = dict(
+        line.split("=", 1)
+        for line in example.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    prod = _gateway_settings(rendered["overlays/prod"], keys)
+    assert prod.issuer == "https://REPLACE_ME.supabase.co/auth/v1"
+    assert prod.hsts is True
+    assert prod.origins == []
+
+
+def test_telemetry_config_is_read_by_the_telemetry_service(rendered, monkeypatch):
+    """Every key of telemetry-config is a telemetry setting, and the service accepts them all."""
+    objects = rendered["base"]
+    (container,) = find(objects, "Deployment", "telemetry")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    values = validate.config_map_values(objects, container)
+    known = {(f.alias or name).upper() for name, f in TelemetrySettings.model_fields.items()}
+    assert set(values) - known == set(), "telemetry-config has keys telemetry does not read"
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    settings = TelemetrySettings()
+    defaults = TelemetrySettings.model_fields
+    for field in (
+        "edge_event_window_seconds",
+        "edge_event_threshold",
+        "edge_event_max_tracked",
+        "health_cache_seconds",
+    ):
+        # The documented defaults, written out so operators see them.
+        assert getattr(settings, field) == defaults[field].default, field
+    assert settings.grpc_port == SERVICES["telemetry"].grpc_port
 
 
 def test_migration_job_runs_the_migrations_from_the_quota_image(rendered):
@@ -370,6 +500,36 @@ def test_rules_catch_regressions(rendered):
     assert "Secret/leak: no Secret may be rendered here" in errors
     fake_check = validate.secret_errors(objects[-1:], fake_allowed=True)
     assert fake_check == ["Secret/leak: OPENAI_API_KEY does not look obviously fake"]
+
+
+def test_rules_catch_gateway_regressions(rendered):
+    """Re-exposing Envoy's admin API, probing it, dropping the issuer or a heap budget above
+    the memory limit: each is a rule error."""
+    objects = copy.deepcopy(rendered["overlays/dev"])
+    gateway = find(objects, "Deployment", "gateway")
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    container["ports"].append({"name": "admin", "containerPort": 9901, "protocol": "TCP"})
+    container["readinessProbe"]["httpGet"]["port"] = 9901
+    gateway["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] = "9901"
+    container["resources"]["limits"]["memory"] = "256Mi"
+    config = next(o for o in objects if o["metadata"]["name"].startswith("gateway-config"))
+    config["data"]["GATEWAY_ADMIN_HOST"] = "0.0.0.0"
+    config["data"]["SUPABASE_URL"] = ""
+    errors = "\n".join(validate.policy_errors(objects, TARGETS["overlays/dev"]))
+    assert "the admin port 9901 must not be a containerPort" in errors
+    assert "GATEWAY_ADMIN_HOST is gone" in errors
+    assert "readinessProbe must be GET /ready on the ops port 9902" in errors
+    assert "Prometheus scrapes the ops port 9902" in errors
+    assert "SUPABASE_URL (or GATEWAY_JWT_ISSUER) must be set" in errors
+    assert "GATEWAY_MAX_HEAP_BYTES 402653184 must stay below" in errors
+    # The issuer, not the project URL; building blocks (base) may leave it to the overlays.
+    config["data"]["SUPABASE_URL"] = "https://x.supabase.co/auth/v1"
+    errors = "\n".join(validate.policy_errors(objects, TARGETS["overlays/dev"]))
+    assert "SUPABASE_URL must be the project URL" in errors
+    assert validate.policy_errors(rendered["base"], TARGETS["base"]) == []
+    assert validate.memory_bytes("512Mi") == 512 * 2**20
+    assert validate.memory_bytes("1G") == 10**9
+    assert validate.memory_bytes("lots") is None
 
 
 def test_private_overlay_can_merge_real_credentials_into_dev(kubectl, tmp_path):
@@ -475,9 +635,10 @@ def expected_flows(datastores: str) -> set[Connection]:
         c("generation", "internet-v6", 443),
         c("telemetry", "generation", 50051),
         c("telemetry", "quota", 50052),
-        c("prometheus", "gateway", 9901),
+        c("prometheus", "gateway", 9902),
     }
-    # Metrics ports: the monitoring namespace; Envoy's admin port: only Prometheus itself.
+    # Metrics ports: the monitoring namespace; Envoy's ops port (/stats/prometheus, /ready):
+    # only Prometheus itself. Envoy's admin API (9901) is on loopback: nobody.
     flows |= {
         c(scraper, name, port)
         for scraper in ("prometheus", "grafana")
@@ -541,6 +702,17 @@ def test_only_envoy_and_the_data_flow_reach_grpc_ports(rendered):
             if e is not pods[name] and policies.allows(e, pods[name], port, "TCP")
         }
         assert reach == expected_callers, name
+
+
+@pytest.mark.parametrize("target", ["overlays/dev", "overlays/prod", "all-components"])
+def test_only_prometheus_reaches_the_gateway_ops_port_and_nobody_the_admin_port(rendered, target):
+    objects = rendered[target]
+    policies = PolicySet(o for o in objects if o["kind"] == "NetworkPolicy")
+    pods = {e.name: e for e in workload_endpoints(objects, "genmesh", NS_LABELS)}
+    everyone = [*pods.values(), STRANGER, *OUTSIDE]
+    gateway = pods["gateway"]
+    assert {e.name for e in everyone if policies.allows(e, gateway, 9902, "TCP")} == {"prometheus"}
+    assert not [e.name for e in everyone if policies.allows(e, gateway, 9901, "TCP")]
 
 
 def test_without_the_component_nothing_is_isolated(rendered):
