@@ -175,6 +175,25 @@ def test_profile_for_a_signed_in_user(http: httpx.Client) -> None:
     assert body["quota"]["limit"] == FREE_DAILY_LIMIT
 
 
+def test_a_user_reads_only_its_own_profile_and_quota(http: httpx.Client) -> None:
+    """Who a request is about comes from the verified token alone: there is no parameter
+    that names another user."""
+    alice, bob = f"alice-{uuid.uuid4()}", f"bob-{uuid.uuid4()}"
+    generated = http.post(
+        "/api/generate", json={"text": f"spend one {uuid.uuid4()}"}, headers=auth(alice)
+    )
+    assert generated.status_code == 200, generated.text
+    for user, used in ((alice, 1), (bob, 0)):
+        profile = http.get("/api/profile", headers=auth(user)).json()
+        assert profile["user_id"] == user
+        assert profile["quota"]["used"] == used
+        assert http.get("/api/quota", headers=auth(user)).json()["used"] == used
+    # Asking for the other one's is not a thing the API understands.
+    for params in ({"user_id": alice}, {"user": alice}):
+        assert http.get("/api/profile", params=params, headers=auth(bob)).status_code == 400
+        assert http.get("/api/quota", params=params, headers=auth(bob)).status_code == 400
+
+
 def test_profile_needs_a_signed_in_user(http: httpx.Client) -> None:
     assert http.get("/api/profile").status_code == 401
 

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,10 +332,12 @@ async def start_gateway(
     secret: str,
     max_request_bytes: int,
     quota_port: int | None = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
     **overrides: Any,
 ) -> tuple[Gateway, subprocess.Popen[bytes]]:
     """An Envoy in front of the in-test upstream. Without `quota_port` nothing listens where
-    quota should: the "service down" case (rate limits then fail open)."""
+    quota should: the "service down" case (rate limits then fail open). `edit` changes the
+    rendered config before Envoy reads it (for what no setting allows, such as a tiny heap)."""
     port, admin_port = free_port(), free_port()
     settings = GatewaySettings(
         GATEWAY_PORT=port,
@@ -351,7 +353,12 @@ async def start_gateway(
         **{"GATEWAY_LOG_LEVEL": "warning", **overrides},
     )
     config = directory / "envoy.yaml"
-    config.write_text(render(settings))
+    rendered = render(settings)
+    if edit is not None:
+        loaded = load(rendered)
+        edit(loaded)
+        rendered = json.dumps(loaded)
+    config.write_text(rendered)
     log = directory / "envoy.log"
     with log.open("wb") as sink:
         # Its own session: the teardown signals exactly this process group.

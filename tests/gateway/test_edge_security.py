@@ -4,6 +4,7 @@ rate limit service sees, and the ops listener that replaces a public admin API."
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import socket
@@ -332,6 +333,40 @@ async def test_admin_paths_carry_the_credential_to_the_rate_limit_service(
 # -- Envoy's admin API and the ops listener ----------------------------------------------------
 
 
+async def test_over_its_heap_budget_envoy_sheds_new_requests_with_json_503(
+    upstream: Upstream, tmp_path: Path, descriptor_set: Path
+) -> None:
+    """The overload manager's stop_accepting_requests action, made to fire: a heap budget
+    (1 MiB) below what Envoy uses at rest, which no setting allows."""
+
+    def tiny_heap(config: dict[str, Any]) -> None:
+        (heap,) = [
+            m
+            for m in config["overload_manager"]["resource_monitors"]
+            if m["name"] == "envoy.resource_monitors.fixed_heap"
+        ]
+        heap["typed_config"]["max_heap_size_bytes"] = 1024 * 1024
+
+    running, process = await start_gateway(
+        tmp_path, upstream.port, SECRET, MAX_BYTES, edit=tiny_heap
+    )
+    try:
+        # The overload manager samples the heap every 250 ms: its first verdict may follow
+        # the first requests.
+        deadline = time.monotonic() + 10
+        while (r := await get_health(running)).status_code != 503:
+            assert time.monotonic() < deadline, "never shed"
+            await asyncio.sleep(0.1)
+        before = len(upstream.telemetry.calls)
+        r = await get_health(running)
+        assert_json_error(r, 503, 14, "UPSTREAM_UNAVAILABLE")
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["retry-after"] == "1"
+        assert len(upstream.telemetry.calls) == before
+    finally:
+        stop(process)
+
+
 def rendered(gateway: Gateway) -> dict[str, Any]:
     return load((gateway.log.parent / "envoy.yaml").read_text())
 
@@ -344,6 +379,17 @@ async def test_the_ops_listener_serves_only_prometheus_stats_and_readiness(
         stats = await ops.get("/stats/prometheus")
         assert stats.status_code == 200
         assert "envoy_cluster_upstream_rq" in stats.text
+        # The overload manager watches the heap (GATEWAY_MAX_HEAP_BYTES) and is not shedding.
+        pressure = [
+            line
+            for line in stats.text.splitlines()
+            if line.startswith("envoy_overload_envoy_resource_monitors_fixed_heap_pressure")
+        ]
+        assert len(pressure) == 1, pressure
+        assert 0 <= float(pressure[0].split()[-1]) < 90
+        assert "envoy_overload_envoy_overload_actions_stop_accepting_requests_active{} 0" in (
+            stats.text
+        )
         ready = await ops.get("/ready")
         assert (ready.status_code, ready.text.strip()) == (200, "LIVE")
         for method, path in [
