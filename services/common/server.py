@@ -87,8 +87,11 @@ class GrpcService:
     `on_start` hooks run in order once the server is listening (background work such as
     periodic jobs; each should return promptly, starting a task rather than running the job).
     If one raises, the service is stopped (the `on_stop` hooks run) and `start` raises.
-    `on_stop` hooks run in order after the server has drained; one that raises is logged and
-    the others still run, so stop a background job before closing the clients it uses.
+    `on_drain` hooks run once the service reports NOT_SERVING, before the drain: they end
+    long-lived streams (which would otherwise hold the drain for the whole grace period) so
+    their clients reconnect elsewhere. `on_stop` hooks run in order after the server has
+    drained; one that raises is logged and the others still run, so stop a background job
+    before closing the clients it uses.
 
     `lean_services` are served without a trace span and without protovalidate: high-rate
     services called by Envoy itself, whose calls carry no trace context (every call would
@@ -105,6 +108,7 @@ class GrpcService:
         on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
         on_start: Sequence[Callable[[], Awaitable[None]]] = (),
         lean_services: Sequence[str] = (),
+        on_drain: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         self.name = name
         self.settings = settings
@@ -112,6 +116,7 @@ class GrpcService:
         self.dependencies = list(dependencies)
         self.on_stop = list(on_stop)
         self.on_start = list(on_start)
+        self.on_drain = list(on_drain)
         self.health = AsyncHealthServicer()
         self.server = grpc.aio.server(
             interceptors=[server_interceptor(lean_services), ServiceInterceptor(lean_services)],
@@ -195,14 +200,20 @@ class GrpcService:
             self._probe_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe_task
+        await self._run_hooks(self.on_drain)
         await self.server.stop(self.settings.shutdown_grace_seconds)
-        for close in self.on_stop:
-            try:
-                await close()
-            except Exception:
-                log.exception("error while closing %s", getattr(close, "__qualname__", close))
+        await self._run_hooks(self.on_stop)
         shutdown_tracing()
         log.info("%s stopped", self.name)
+
+    @staticmethod
+    async def _run_hooks(hooks: Sequence[Callable[[], Awaitable[None]]]) -> None:
+        """In order; one that raises is logged and the others still run."""
+        for hook in hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("error in %s", getattr(hook, "__qualname__", hook))
 
     async def serve_until_signalled(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""

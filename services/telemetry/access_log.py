@@ -18,6 +18,7 @@ Any `log_name` is accepted; TCP entries are ignored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class AccessLogServicer:
         self.messages = messages
         self.aggregator = aggregator
         self.events = events
+        self._closing = asyncio.Event()
 
     def observe(self, message: Any) -> None:
         """Feed one batch to the aggregator and report the bursts it completes. Synchronous
@@ -109,14 +111,34 @@ class AccessLogServicer:
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Message:
         # Envoy keeps one stream open per access logger and worker; it sends the identifier
-        # (node and log name) with the first message only. The stream ends when Envoy closes it.
-        async for message in requests:
-            try:
-                self.observe(message)
-            except Exception:  # nothing in a batch may end the stream (Envoy would drop logs)
-                log.exception("could not process an access log batch")
+        # (node and log name) with the first message only. The stream ends when Envoy closes
+        # it, or when this replica stops (`close_streams`): Envoy then opens a new one.
+        closing = asyncio.ensure_future(self._closing.wait())
+        incoming = aiter(requests)
+        try:
+            while True:
+                receiving = asyncio.ensure_future(anext(incoming))
+                await asyncio.wait({receiving, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    receiving.cancel()
+                    break
+                try:
+                    message = receiving.result()
+                except StopAsyncIteration:
+                    break
+                try:
+                    self.observe(message)
+                except Exception:  # nothing in a batch may end the stream (Envoy drops logs)
+                    log.exception("could not process an access log batch")
+        finally:
+            closing.cancel()
         response: Message = self.messages.response()
         return response
+
+    async def close_streams(self) -> None:
+        """End every open stream (a drain hook): Envoy holds them open for ever, and they
+        would hold the server's drain for its whole grace period."""
+        self._closing.set()
 
 
 def add_access_log_service(server: grpc.aio.Server, servicer: AccessLogServicer) -> None:

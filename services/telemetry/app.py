@@ -115,6 +115,8 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
         ],
         # Called by Envoy itself, at the rate of the gateway's failures: no span, no validation.
         lean_services=[ALS_SERVICE_NAME],
+        # Envoy never ends its access log streams: end them so the drain need not wait.
+        on_drain=[access_log.close_streams],
         # In order: the server has drained, so hand pending security events to the store,
         # commit what is pending, then close clients.
         on_stop=[

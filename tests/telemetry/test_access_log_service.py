@@ -301,3 +301,30 @@ async def test_the_telemetry_service_stores_edge_events(
         "window_seconds": "30",
         "sample_paths": "/api/profile",
     }
+
+
+@pytest.mark.integration
+async def test_stopping_ends_envoys_open_streams_instead_of_waiting_out_the_grace(
+    database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Envoy never ends its access log streams; without the drain hook the server's stop
+    would wait its whole grace period (here 30 s) for them."""
+    settings = TelemetrySettings(
+        grpc_port=0,
+        metrics_port=0,
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_key_prefix=f"{redis_prefix}telemetry-{uuid.uuid4().hex[:8]}:",
+        shutdown_grace_seconds=30,
+    )
+    service = await create_service(settings)
+    port = await service.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = stream_call(channel)()
+        await call.write(als_message([Entry()], first=True))
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(10):
+            await service.stop()
+            reply = await call  # the stream ends with an answer, so Envoy reconnects elsewhere
+        assert isinstance(reply, MESSAGES.response)
+        assert asyncio.get_running_loop().time() - started < 10
