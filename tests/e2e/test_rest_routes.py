@@ -194,6 +194,17 @@ def test_a_user_reads_only_its_own_profile_and_quota(http: httpx.Client) -> None
         assert http.get("/api/quota", params=params, headers=auth(bob)).status_code == 400
 
 
+def test_a_token_claim_longer_than_genmesh_keeps_is_a_400_naming_it(http: httpx.Client) -> None:
+    for headers, claim in [
+        (auth("u" * 129), "sub"),
+        (auth(f"user-{uuid.uuid4()}", "a" * 320 + "@example.com"), "email"),
+    ]:
+        for path in ("/api/profile", "/api/quota"):
+            r = http.get(path, headers=headers)
+            assert r.status_code == 400, (path, r.text)
+            assert claim in r.json()["message"]
+
+
 def test_profile_needs_a_signed_in_user(http: httpx.Client) -> None:
     assert http.get("/api/profile").status_code == 401
 

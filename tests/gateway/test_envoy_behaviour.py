@@ -62,6 +62,23 @@ async def test_health_reaches_the_service_with_request_id_and_no_client_trace_co
     assert "authorization" not in seen
 
 
+async def test_grpc_control_headers_and_baggage_from_clients_do_not_reach_services(
+    client: httpx.AsyncClient,
+) -> None:
+    seen = echoed(
+        await client.get(
+            "/api/health",
+            headers={
+                "grpc-timeout": "1n",
+                "grpc-encoding": "gzip",
+                "grpc-accept-encoding": "identity",
+                "baggage": "user=%%%",
+            },
+        )
+    )
+    assert not {"grpc-timeout", "grpc-encoding", "grpc-accept-encoding", "baggage"} & set(seen)
+
+
 async def test_without_a_client_traceparent_nothing_is_kept_aside(
     client: httpx.AsyncClient,
 ) -> None:
