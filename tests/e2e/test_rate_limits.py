@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -120,6 +121,15 @@ async def rows(database_url: str, query: str, *args: Any) -> list[asyncpg.Record
         await conn.close()
 
 
+async def db_now(database_url: str) -> datetime:
+    conn = await asyncpg.connect(database_url)
+    try:
+        now: datetime = await conn.fetchval("SELECT now()")
+        return now
+    finally:
+        await conn.close()
+
+
 async def wait_for_rows(
     database_url: str, query: str, *args: Any, count: int = 1, timeout: float = 15
 ) -> list[asyncpg.Record]:
@@ -225,14 +235,16 @@ async def test_repeated_violations_block_the_network_and_are_security_events(
     gateway: httpx.Client, database_url: str
 ) -> None:
     ip = fresh_ipv4()
+    since = await db_now(database_url)  # other runs may have used this address before
     started = block(gateway, ip)
     assert metadata(started)["block_level"] == "1"
     assert 29 <= int(started.headers["retry-after"]) <= 30
     blocks = await wait_for_rows(
         database_url,
         "SELECT severity, user_id, details FROM security_events"
-        " WHERE event_type = 'rate_limit_block' AND ip = $1",
+        " WHERE event_type = 'rate_limit_block' AND ip = $1 AND created_at >= $2",
         ip,
+        since,
     )
     assert len(blocks) == 1
     assert blocks[0]["severity"] == "high"
@@ -240,8 +252,10 @@ async def test_repeated_violations_block_the_network_and_are_security_events(
     # The refusals before it were one burst: one row, not one per request.
     bursts = await rows(
         database_url,
-        "SELECT 1 FROM security_events WHERE event_type = 'rate_limit_exceeded' AND ip = $1",
+        "SELECT 1 FROM security_events WHERE event_type = 'rate_limit_exceeded' AND ip = $1"
+        " AND created_at >= $2",
         ip,
+        since,
     )
     assert len(bursts) == 1
 
@@ -270,6 +284,7 @@ def test_a_blocked_caller_is_refused_on_every_route(gateway: httpx.Client) -> No
 
 async def test_operators_list_and_lift_blocks(gateway: httpx.Client, database_url: str) -> None:
     ip = fresh_ipv4()
+    since = await db_now(database_url)
     block(gateway, ip)
     operator = as_client(fresh_ipv4(), **{"x-admin-token": ADMIN_TOKEN})
     listed = gateway.get("/api/admin/blocks", headers=operator)
@@ -290,8 +305,9 @@ async def test_operators_list_and_lift_blocks(gateway: httpx.Client, database_ur
     events = await wait_for_rows(
         database_url,
         "SELECT details FROM security_events WHERE event_type = 'rate_limit_block_lifted'"
-        " AND details->>'subject' = $1",
+        " AND details->>'subject' = $1 AND created_at >= $2",
         ip,
+        since,
     )
     assert len(events) == 1
 
@@ -373,6 +389,7 @@ async def test_admin_guessing_is_throttled_then_blocked_and_reported_once(
     default), then 429 before the service is asked, then a block; the database gets one
     aggregated event per burst, not a row per guess."""
     ip = fresh_ipv4()
+    since = await db_now(database_url)  # other runs may have used this address before
     statuses = [
         gateway.get("/api/admin/blocks", headers=as_client(ip, **{"x-admin-token": f"g{n}"}))
         for n in range(5)
@@ -395,8 +412,10 @@ async def test_admin_guessing_is_throttled_then_blocked_and_reported_once(
     assert metadata(blocked)["limit"] == "block"
     found = await wait_for_rows(
         database_url,
-        "SELECT event_type FROM security_events WHERE ip = $1 ORDER BY created_at",
+        "SELECT event_type FROM security_events WHERE ip = $1 AND created_at >= $2"
+        " ORDER BY created_at",
         ip,
+        since,
         count=4,
     )
     kinds = [r["event_type"] for r in found]
@@ -405,7 +424,9 @@ async def test_admin_guessing_is_throttled_then_blocked_and_reported_once(
     assert kinds.count("rate_limit_block") == 1, kinds
     assert kinds.count("admin_action") == 1, kinds  # the call with the right token
     await asyncio.sleep(1)
-    again = await rows(database_url, "SELECT 1 FROM security_events WHERE ip = $1", ip)
+    again = await rows(
+        database_url, "SELECT 1 FROM security_events WHERE ip = $1 AND created_at >= $2", ip, since
+    )
     assert len(again) == len(found)  # 9 failed attempts, 3 rows about them
 
 
@@ -433,15 +454,18 @@ async def test_a_burst_of_bad_tokens_becomes_one_edge_security_event(
     """401s never reach a service: Envoy ships them to telemetry's access log service, which
     records one event per burst from a client network (20 in a minute by default)."""
     ip = fresh_ipv4()
+    since = await db_now(database_url)  # other runs may have used this address before
     for _ in range(25):
         r = gateway.get("/api/quota", headers=as_client(ip, authorization="Bearer not-a-jwt"))
         assert r.status_code == 401
     found = await wait_for_rows(
         database_url,
-        "SELECT event_type, details FROM security_events WHERE ip = $1",
+        "SELECT event_type, details FROM security_events WHERE ip = $1 AND created_at >= $2",
         ip,
+        since,
         timeout=20,
     )
     assert [r["event_type"] for r in found] == ["edge_unauthenticated_burst"]
     await asyncio.sleep(2)  # Envoy flushes its access log every second: nothing more comes
-    assert len(await rows(database_url, "SELECT 1 FROM security_events WHERE ip = $1", ip)) == 1
+    later = "SELECT 1 FROM security_events WHERE ip = $1 AND created_at >= $2"
+    assert len(await rows(database_url, later, ip, since)) == 1
