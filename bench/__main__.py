@@ -114,6 +114,7 @@ def main() -> int:
             telemetry_addr=f"127.0.0.1:{infra.free_port()}",
             gateway_port=infra.free_port(),
             gateway_admin_port=infra.free_port(),
+            gateway_ops_port=infra.free_port(),
             simulator_port=infra.free_port(),
             metrics_ports={"generation": 0, "quota": 0, "telemetry": 0},
             log_dir=scratch / "logs",
