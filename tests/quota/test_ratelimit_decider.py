@@ -5,33 +5,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from genmesh.telemetry.v1 import telemetry_pb2
-from services.common.identity import Identity
 from services.quota.network import ClientNetworks
 from services.quota.ratelimit.config import RateLimitConfig, load_config
 from services.quota.ratelimit.decider import RateLimitDecider
 from services.quota.ratelimit.limiter import Verdict
 from services.quota.ratelimit.memory_limiter import MemoryLimiter
-
-
-@dataclass
-class RecordedEvents:
-    events: list[tuple[str, int, Identity, dict[str, str]]] = field(default_factory=list)
-
-    def report(
-        self,
-        event_type: str,
-        severity: telemetry_pb2.Severity.ValueType,
-        identity: Identity,
-        details: Mapping[str, str],
-    ) -> None:
-        self.events.append((event_type, severity, identity, dict(details)))
-
-    def types(self) -> list[str]:
-        return [e[0] for e in self.events]
+from tests.security_events import RecordedEvents
 
 
 def config(**env: str) -> RateLimitConfig:
@@ -129,7 +110,8 @@ async def test_one_event_per_burst_and_one_per_block_not_one_per_request() -> No
     for _ in range(3):
         await rl.decide(guest("/api/feedback", ip))  # refusals 1-3: one burst
     assert events.types() == ["rate_limit_exceeded"]
-    _, severity, identity, details = events.events[0]
+    first = events.events[0]
+    severity, identity, details = first.severity, first.identity, first.details
     assert severity == telemetry_pb2.SEVERITY_MEDIUM
     assert identity.client_ip == ip and identity.user_id == ""
     assert details["route"] == "feedback" and details["scope"] == "ip"
@@ -137,7 +119,7 @@ async def test_one_event_per_burst_and_one_per_block_not_one_per_request() -> No
     blocked = await rl.decide(guest("/api/feedback", ip))  # refusal 4: a block
     assert blocked.refusal is not None
     assert events.types() == ["rate_limit_exceeded", "rate_limit_block"]
-    _, severity, _, details = events.events[1]
+    severity, details = events.events[1].severity, events.events[1].details
     assert severity == telemetry_pb2.SEVERITY_HIGH
     assert details["level"] == "1" and details["duration_seconds"] == "60"
 
@@ -157,7 +139,7 @@ async def test_a_blocked_user_is_refused_wherever_they_come_from() -> None:
     for _ in range(3):
         await rl.decide(user("/api/feedback", fresh_ip(), "u-blocked"))
     assert events.types() == ["rate_limit_block"]
-    assert events.events[0][2].user_id == "u-blocked"
+    assert events.events[0].identity.user_id == "u-blocked"
     refused = await rl.decide(user("/api/quota", fresh_ip(), "u-blocked"))
     assert refused.refusal is not None and refused.refusal.metadata["scope"] == "user"
     assert "user is blocked" in refused.refusal.message
@@ -212,7 +194,7 @@ async def test_guessed_admin_tokens_are_refused_after_a_few_and_reported_once() 
     assert refused.refusal.retry_after_seconds > 0
     # One event for the burst of failures, one for the first refusal: not one per guess.
     assert events.types() == ["admin_auth_failed", "rate_limit_exceeded"]
-    _, _, who, details = events.events[0]
+    who, details = events.events[0].identity, events.events[0].details
     assert who.client_ip == ip
     assert details["reason"] == "invalid_token"
     assert details["path"] == "/api/admin/blocks"
@@ -238,7 +220,7 @@ async def test_a_users_token_without_the_role_and_no_credential_are_failures() -
     for credential in attempts:
         assert not (await rl.decide(admin_call(ip, **credential))).over_limit
     assert (await rl.decide(admin_call(ip))).over_limit
-    assert events.events[0][3]["reason"] == "not_admin"
+    assert events.events[0].details["reason"] == "not_admin"
 
 
 async def test_failed_admin_attempts_escalate_to_a_block_of_the_network() -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -27,38 +27,10 @@ from services.telemetry.access_log import (
 from services.telemetry.app import create_service
 from services.telemetry.edge_events import EdgeEventAggregator
 from services.telemetry.settings import TelemetrySettings
+from tests.security_events import RecordedEvents
 
 MESSAGES = AlsMessages()
 THRESHOLD = 3
-
-
-@dataclass
-class Reported:
-    event_type: str
-    severity: int
-    identity: Identity
-    details: dict[str, str]
-
-
-@dataclass
-class FakeSink:
-    """A SecurityEventSink that keeps what it is given."""
-
-    events: list[Reported] = field(default_factory=list)
-    fail: bool = False
-    failures: int = 0
-
-    def report(
-        self,
-        event_type: str,
-        severity: telemetry_pb2.Severity.ValueType,
-        identity: Identity,
-        details: Mapping[str, str],
-    ) -> None:
-        if self.fail:
-            self.failures += 1
-            raise RuntimeError("sink is broken")
-        self.events.append(Reported(event_type, severity, identity, dict(details)))
 
 
 @dataclass
@@ -117,13 +89,13 @@ def stream_call(channel: grpc.aio.Channel) -> Call:
 
 @dataclass
 class Served:
-    sink: FakeSink
+    sink: RecordedEvents
     call: Call
 
 
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
-    sink = FakeSink()
+    sink = RecordedEvents()
     servicer = AccessLogServicer(
         MESSAGES,
         EdgeEventAggregator(window_seconds=60, threshold=THRESHOLD, max_tracked=1000),

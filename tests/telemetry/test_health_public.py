@@ -6,9 +6,9 @@ the freshness window, and nothing a probe says reaches the public."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -17,7 +17,6 @@ from google.protobuf import json_format, text_format
 
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.admin_auth import AdminGuard
-from services.common.identity import Identity
 from services.common.interceptors import ServiceInterceptor
 from services.common.perf import PerformanceMonitor
 from services.telemetry.health import HealthReport, Probe, Status, SystemHealth
@@ -25,6 +24,7 @@ from services.telemetry.public_health import CachedHealth, PublicHealth
 from services.telemetry.servicer import TelemetryAdminServicer, TelemetryServicer
 from services.telemetry.stats import StaticStatsSource
 from services.telemetry.store import TelemetryStore
+from tests.security_events import RecordedEvents
 
 ADMIN_TOKEN = "health-admin-token"
 SECRET = "password=hunter2 at 10.0.0.5:5432"
@@ -60,20 +60,6 @@ class CountingProbe:
         return Probe(self.name, self.check)
 
 
-@dataclass
-class RecordingSink:
-    events: list[tuple[str, Mapping[str, str]]] = field(default_factory=list)
-
-    def report(
-        self,
-        event_type: str,
-        severity: telemetry_pb2.Severity.ValueType,
-        identity: Identity,
-        details: Mapping[str, str],
-    ) -> None:
-        self.events.append((event_type, dict(details)))
-
-
 def system_health(*probes: CountingProbe) -> SystemHealth:
     return SystemHealth(
         [p.probe() for p in probes],
@@ -89,14 +75,14 @@ def system_health(*probes: CountingProbe) -> SystemHealth:
 class Served:
     public: telemetry_pb2_grpc.TelemetryServiceAsyncStub
     admin: telemetry_pb2_grpc.TelemetryAdminServiceAsyncStub
-    sink: RecordingSink
+    sink: RecordedEvents
 
 
 @asynccontextmanager
 async def serve(health: SystemHealth, cached: CachedHealth) -> AsyncIterator[Served]:
     """TelemetryService and TelemetryAdminService behind the shared interceptor (which turns
     the guard's ServiceError into a status), on a real port."""
-    sink = RecordingSink()
+    sink = RecordedEvents()
     server = grpc.aio.server(interceptors=[ServiceInterceptor()])
     # GetHealth and GetHealthReport never touch the store.
     store = cast(TelemetryStore, None)
@@ -352,7 +338,7 @@ async def test_the_full_report_needs_the_admin_credential() -> None:
     assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Only the admin action is an event here; refusals are counted at the edge.
-    assert [(kind, d.get("method")) for kind, d in served.sink.events] == [
+    assert [(e.event_type, e.details.get("method")) for e in served.sink.events] == [
         ("admin_action", "GetHealthReport")
     ]
     assert report.status == "healthy"
