@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,19 @@ def mesh_config(
     )
 
 
+@contextmanager
+def running_mesh(
+    config: MeshConfig, collector: SpanCollector | None = None
+) -> Iterator[RunningMesh]:
+    """The mesh `config` describes, started, and stopped (every process) on the way out."""
+    mesh = Mesh(config)
+    mesh.start()
+    try:
+        yield RunningMesh(config, collector or SpanCollector())
+    finally:
+        mesh.stop()
+
+
 @pytest.fixture(scope="session")
 def mesh(
     database_url: str,
@@ -163,12 +177,8 @@ def mesh(
         FREE_DAILY_LIMIT=str(FREE_DAILY_LIMIT),
         **UNLIMITED,
     )
-    running = Mesh(config)
-    running.start()
-    try:
-        yield RunningMesh(config, collector)
-    finally:
-        running.stop()
+    with running_mesh(config, collector) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

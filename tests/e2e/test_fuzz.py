@@ -38,8 +38,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from devstack.mesh import Mesh
-from tests.e2e.conftest import UNLIMITED, RunningMesh, SpanCollector, mesh_config
+from tests.e2e.conftest import UNLIMITED, RunningMesh, mesh_config, running_mesh
 from tests.e2e.fuzz.checks import (
     CONCURRENCY,
     Outcome,
@@ -100,12 +99,8 @@ def fuzz_mesh(
         GATEWAY_TRUSTED_PROXY_HOPS="1",
         **UNLIMITED,
     )
-    running = Mesh(config)
-    running.start()
-    try:
-        yield RunningMesh(config, SpanCollector())
-    finally:
-        running.stop()
+    with running_mesh(config) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

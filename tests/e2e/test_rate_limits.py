@@ -18,9 +18,14 @@ import grpc
 import httpx
 import pytest
 
-from devstack.mesh import Mesh
 from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
-from tests.e2e.conftest import ADMIN_TOKEN, RunningMesh, SpanCollector, mesh_config, token_for
+from tests.e2e.conftest import (
+    ADMIN_TOKEN,
+    RunningMesh,
+    mesh_config,
+    running_mesh,
+    token_for,
+)
 from tests.e2e.helpers import detail_of, reason
 
 pytestmark = pytest.mark.e2e
@@ -56,12 +61,8 @@ def limited_mesh(
         tmp_path_factory.mktemp("limited-mesh-logs"),
         **LIMITS,
     )
-    running = Mesh(config)
-    running.start()
-    try:
-        yield RunningMesh(config, SpanCollector())
-    finally:
-        running.stop()
+    with running_mesh(config) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,15 @@ import grpc
 import httpx
 import pytest
 
-from devstack.mesh import Mesh
 from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
-from tests.e2e.conftest import UNLIMITED, RunningMesh, SpanCollector, mesh_config, token_for
+from tests.e2e.conftest import (
+    UNLIMITED,
+    RunningMesh,
+    SpanCollector,
+    mesh_config,
+    running_mesh,
+    token_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -43,12 +49,8 @@ def unsampled_mesh(
         GUEST_DAILY_LIMIT="100000",
         **UNLIMITED,
     )
-    running = Mesh(config)
-    running.start()
-    try:
-        yield RunningMesh(config, collector)
-    finally:
-        running.stop()
+    with running_mesh(config, collector) as running:
+        yield running
 
 
 def spans_of(collector: SpanCollector, trace_id: str) -> set[tuple[str, str]]:
