@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.common.breaker import BreakerState, CircuitBreaker
+from services.common.breaker import CircuitBreaker
 from services.common.perf import PerformanceMonitor
 from services.common.settings import RedisSettings
 
@@ -44,7 +44,7 @@ class ResilientRedis:
             "redis",
             failure_threshold=settings.redis_error_threshold,
             reset_timeout=settings.redis_cooldown_seconds,
-            half_open_successes=1,
+            half_open_attempts=1,
         )
         self.client: Redis | None = client
         if client is None and settings.redis_url:
@@ -68,29 +68,33 @@ class ResilientRedis:
 
     @property
     def available(self) -> bool:
+        """Whether a call would go to Redis now (a pure read: it changes no breaker state)."""
         return self.client is not None and self.breaker.allow()
 
     async def run(self, operation: str, fn: Callable[[Redis], Awaitable[T]]) -> T:
-        if self.client is None or not self.breaker.allow():
+        if self.client is None:
             raise RedisUnavailable(operation)
-        was_open = self.breaker.state is BreakerState.HALF_OPEN
-        try:
-            async with self.perf.track(f"redis.{operation}"):
-                async with asyncio.timeout(self.settings.redis_timeout_seconds * 3):
-                    result = await fn(self.client)
-        except (RedisError, OSError, TimeoutError) as err:
-            self.breaker.record_failure()
-            if self.breaker.state is BreakerState.OPEN:
-                log.warning(
-                    "redis bypassed for %.0fs after errors: %s",
-                    self.breaker.retry_after(),
-                    err,
-                )
-            raise RedisUnavailable(operation) from err
-        self.breaker.record_success()
-        if was_open:
-            log.info("redis is back")
-        return result
+        permit = self.breaker.try_acquire()
+        if permit is None:
+            raise RedisUnavailable(operation)
+        # Leaving the block unsettled (cancelled, or an error that is not Redis's) releases
+        # the permit: it frees a half-open probe slot and counts for nothing.
+        with permit:
+            try:
+                async with self.perf.track(f"redis.{operation}"):
+                    async with asyncio.timeout(self.settings.redis_timeout_seconds * 3):
+                        result = await fn(self.client)
+            except (RedisError, OSError, TimeoutError) as err:
+                if permit.failure():
+                    log.warning(
+                        "redis bypassed for %.0fs after errors: %s",
+                        self.breaker.retry_after(),
+                        err,
+                    )
+                raise RedisUnavailable(operation) from err
+            if permit.success():
+                log.info("redis is back")
+            return result
 
     async def ping(self) -> None:
         """For health: fails when Redis is unset or unreachable (the breaker is bypassed so

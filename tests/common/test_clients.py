@@ -60,7 +60,9 @@ async def test_redis_comes_back_by_itself_after_the_cooldown(redis_url: str) -> 
         PerformanceMonitor(),
     )
     try:
-        r.breaker.record_failure()
+        permit = r.breaker.try_acquire()
+        assert permit is not None
+        assert permit.failure() is True
         assert not r.available
         await asyncio.sleep(0.3)
         assert await r.run("ping", lambda c: c.ping()) is True

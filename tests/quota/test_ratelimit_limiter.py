@@ -197,7 +197,9 @@ async def test_fallback_engages_per_call_and_returns_to_redis(
         limiter = FallbackLimiter(RedisLimiter(redis), memory)
         who = subject()
         for _ in range(redis.breaker.failure_threshold):
-            redis.breaker.record_failure()
+            permit = redis.breaker.try_acquire()
+            assert permit is not None
+            permit.failure()
         assert not redis.available
         assert (await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).remaining == 2
         assert (await memory.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).remaining == 1

@@ -153,7 +153,9 @@ async def test_fallback_goes_back_to_redis_when_the_breaker_closes(
         window = QuotaClock().window()
         ip = unique_ip()
         for _ in range(redis.breaker.failure_threshold):
-            redis.breaker.record_failure()
+            permit = redis.breaker.try_acquire()
+            assert permit is not None
+            permit.failure()
         assert not redis.available
         assert (await store.reserve(ip, window, 3, rid(ip, window))).used == 1
         assert await memory.used(ip, window) == 1  # served by the fallback
