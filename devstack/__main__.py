@@ -89,8 +89,14 @@ def main() -> int:
 
 def print_summary(config: MeshConfig, seconds: float) -> None:
     log_dir = config.log_dir
+    # The simulator's key is never printed: it is the developer's SIM_API_KEY, or random.
+    key = (
+        "your SIM_API_KEY"
+        if os.environ.get("SIM_API_KEY")
+        else "random per run, set SIM_API_KEY to choose it"
+    )
     upstream = (
-        f"simulator {config.simulator_url}/v1 (set OPENAI_API_KEY for the real API)"
+        f"simulator {config.simulator_url}/v1 (key: {key}; OPENAI_API_KEY for the real API)"
         if config.uses_simulator
         else f"OpenAI {config.openai_base_url or 'api.openai.com'}"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,6 +23,12 @@ from devstack.infra import InfraError, free_port, port_open
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT_SECONDS = 12.0  # each child drains within SHUTDOWN_GRACE_SECONDS; all stop < 15 s
+
+
+def simulator_key() -> str:
+    """A fresh API key for one run's simulator. It guards a loopback test tool, nothing of
+    value, but it is random so the simulator really checks what generation sends."""
+    return f"sk-sim-{secrets.token_hex(16)}"
 
 
 def _addr(host_port: str) -> tuple[str, int]:
@@ -50,6 +57,9 @@ class MeshConfig:
     )
     openai_api_key: str = ""
     openai_base_url: str = ""
+    # The key the simulator requires (SIM_API_KEY) and generation sends (OPENAI_API_KEY) when
+    # the simulator stands in for OpenAI; unused with a real OPENAI_API_KEY. Never printed.
+    simulator_api_key: str = field(default_factory=simulator_key, repr=False)
     log_dir: Path = REPO / ".run" / "logs"
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -88,6 +98,8 @@ class MeshConfig:
             metrics_ports=metrics,
             openai_api_key=env.get("OPENAI_API_KEY", ""),
             openai_base_url=env.get("OPENAI_BASE_URL", ""),
+            # The developer's own SIM_API_KEY, to call the simulator with a key they know.
+            simulator_api_key=env.get("SIM_API_KEY") or defaults.simulator_api_key,
         )
 
 
@@ -121,9 +133,18 @@ class Mesh:
             }
         )
         if c.uses_simulator:
+            # Generation is told about an OpenAI-compatible upstream and its key, nothing more;
+            # the simulator is started requiring that same key (see _simulator_env).
             env["OPENAI_BASE_URL"] = f"{c.simulator_url}/v1"
-            env["OPENAI_API_KEY"] = "sk-genmesh-simulator"
+            env["OPENAI_API_KEY"] = c.simulator_api_key
         env.update(c.extra_env)
+        return env
+
+    def _simulator_env(self) -> dict[str, str]:
+        c = self.config
+        env = self._base_env()
+        env["SIM_PORT"] = str(c.simulator_port)
+        env["SIM_API_KEY"] = c.simulator_api_key
         return env
 
     def _service_env(self, name: str, addr: str) -> dict[str, str]:
@@ -205,9 +226,7 @@ class Mesh:
             if port_open(*_addr(addr)):
                 raise InfraError(f"{addr} is already in use: is another genmesh running?")
         if c.uses_simulator:
-            env = self._base_env()
-            env["SIM_PORT"] = str(c.simulator_port)
-            sim = self._spawn("simulator", [python, "-m", "simulator"], env)
+            sim = self._spawn("simulator", [python, "-m", "simulator"], self._simulator_env())
             self._wait_http(sim, f"{c.simulator_url}/healthz")
         for name, addr in (("quota", c.quota_addr), ("telemetry", c.telemetry_addr)):
             child = self._spawn(

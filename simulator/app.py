@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 from aiohttp import web
 from aiohttp.log import access_logger
@@ -24,15 +24,24 @@ MODELS = (("gpt-4o-mini", 1721172741), ("gpt-4o", 1715367049))
 
 @dataclass
 class Stats:
+    """What GET /_sim/stats reports (with the fault injector's `hanging`). Counters run from
+    start-up or the last reset; `in_flight` is a gauge, which a reset leaves alone."""
+
     requests: int = 0  # chat-completion calls that got past authentication
-    completions: int = 0  # of which answered normally (streamed or not)
+    completions: int = 0  # of which answered normally (streamed or not; a stream once begun)
     streams: int = 0  # of which streamed
     faults_injected: int = 0  # of which drew a fault
     rejected: int = 0  # of which failed validation (400)
+    # Of which the client went away before the answer was complete: while the request waited
+    # (latency, a hang) or mid-stream. Each request counts at most once.
+    cancelled: int = 0
+    # Chat-completion calls being handled right now (a stream until its last byte is written).
+    in_flight: int = field(default=0, metadata={"gauge": True})
 
     def reset(self) -> None:
-        for name, value in asdict(Stats()).items():
-            setattr(self, name, value)
+        for f in fields(self):
+            if not f.metadata.get("gauge"):
+                setattr(self, f.name, f.default)
 
 
 SETTINGS = web.AppKey("settings", SimSettings)
@@ -77,8 +86,21 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    settings, faults, stats = request.app[SETTINGS], request.app[FAULTS], request.app[STATS]
+    stats = request.app[STATS]
     stats.requests += 1
+    stats.in_flight += 1
+    try:
+        return await _chat_completion(request, stats)
+    except asyncio.CancelledError:
+        # The runner's handler_cancellation: the client disconnected while we were waiting.
+        stats.cancelled += 1
+        raise
+    finally:
+        stats.in_flight -= 1
+
+
+async def _chat_completion(request: web.Request, stats: Stats) -> web.StreamResponse:
+    settings, faults = request.app[SETTINGS], request.app[FAULTS]
     try:
         chat = wire.parse_chat_request(await request.read())
     except wire.RequestError as exc:
@@ -123,8 +145,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await asyncio.sleep(settings.stream_chunk_delay_ms / 1000)
             await response.write(event)
         await response.write_eof()
-    except ConnectionResetError:
-        pass  # the client stopped reading; nothing left to tell it
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one too
+        # The client left mid-stream; nothing left to tell it. Returning (not raising) means
+        # the CancelledError branch above cannot count this request a second time.
+        stats.cancelled += 1
     return response
 
 

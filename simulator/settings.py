@@ -18,7 +18,8 @@ class SimSettings(BaseSettings):
     port: int = Field(default=8900, ge=0, le=65535)
     """SIM_PORT: TCP port; 0 picks a free one. Default 8900."""
     api_key: SecretStr | None = None
-    """SIM_API_KEY: if set, /v1/* requires `Authorization: Bearer <key>`. Default unset: any key."""
+    """SIM_API_KEY: if set, /v1/* requires `Authorization: Bearer <key>`. Default unset: any key.
+    `make run` sets it (the developer's, else random per run) and gives generation the same."""
     latency_ms: int = Field(default=0, ge=0)
     """SIM_LATENCY_MS: base delay before every chat completion answers. Default 0."""
     stream_chunk_delay_ms: int = Field(default=5, ge=0)

@@ -1,9 +1,12 @@
 """`make run`'s runner as a user runs it: it starts everything, prints where it listens, and
-SIGTERM (what Ctrl-C does) stops every process it started within 15 s."""
+SIGTERM (what Ctrl-C does) stops every process it started within 15 s. Also how the mesh hands
+the simulator and generation one API key (the services never learn that a simulator exists)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import httpx
 import pytest
 
 from devstack.infra import free_port
-from devstack.mesh import REPO
+from devstack.mesh import REPO, Mesh, MeshConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +41,8 @@ def test_make_run_serves_then_stops_everything(
     database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     gateway = free_port()
+    simulator = free_port()
+    sim_key = f"sk-sim-e2e-{secrets.token_hex(8)}"
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -48,11 +53,13 @@ def test_make_run_serves_then_stops_everything(
         "TELEMETRY_ADDR": f"127.0.0.1:{free_port()}",
         "GATEWAY_PORT": str(gateway),
         "GATEWAY_ADMIN_PORT": str(free_port()),
-        "SIM_PORT": str(free_port()),
+        "SIM_PORT": str(simulator),
+        "SIM_API_KEY": sim_key,
         "GENERATION_METRICS_PORT": "0",
         "QUOTA_METRICS_PORT": "0",
         "TELEMETRY_METRICS_PORT": "0",
         "OPENAI_API_KEY": "",
+        "OPENAI_BASE_URL": "",
     }
     out = tmp_path / "run.out"
     with out.open("wb") as sink:
@@ -73,8 +80,17 @@ def test_make_run_serves_then_stops_everything(
         assert "genmesh is up" in printed, printed
         assert f"http://127.0.0.1:{gateway}" in printed
         assert "curl" in printed
+        assert "SIM_API_KEY" in printed
+        assert sim_key not in printed  # said to be set, never shown
+        # The simulator checks the key, and generation was given the same one.
+        models = f"http://127.0.0.1:{simulator}/v1/models"
+        assert httpx.get(models, timeout=5).status_code == 401
+        authorized = {"Authorization": f"Bearer {sim_key}"}
+        assert httpx.get(models, headers=authorized, timeout=5).status_code == 200
         r = httpx.post(f"http://127.0.0.1:{gateway}/api/generate", json={"text": "hi"}, timeout=30)
         assert r.status_code == 200, r.text
+        stats = httpx.get(f"http://127.0.0.1:{simulator}/_sim/stats", timeout=5).json()
+        assert stats["completions"] >= 1  # generation got past the key check
         children = _children(proc.pid)
         assert len(children) == 5  # simulator, quota, telemetry, generation, envoy
 
@@ -89,3 +105,51 @@ def test_make_run_serves_then_stops_everything(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# -- the simulator's key (no processes started) --------------------------------------------------
+
+
+def _config(tmp_path: Path) -> MeshConfig:
+    return MeshConfig(database_url="postgresql://x", redis_url="", log_dir=tmp_path)
+
+
+def test_simulator_and_generation_share_a_fresh_key(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    assert config.uses_simulator
+    assert config.simulator_api_key.startswith("sk-sim-")
+    assert config.simulator_api_key != _config(tmp_path).simulator_api_key  # one per run
+    assert config.simulator_api_key not in repr(config)
+
+    mesh = Mesh(config)
+    simulator = mesh._simulator_env()
+    generation = mesh._service_env("generation", config.generation_addr)
+    assert simulator["SIM_API_KEY"] == generation["OPENAI_API_KEY"] == config.simulator_api_key
+    assert simulator["SIM_PORT"] == str(config.simulator_port)
+    assert generation["OPENAI_BASE_URL"] == f"{config.simulator_url}/v1"
+
+
+def test_the_developers_sim_api_key_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    monkeypatch.setenv("SIM_API_KEY", "sk-sim-mine")
+    config = dataclasses.replace(MeshConfig.from_env("postgresql://x", ""), log_dir=tmp_path)
+    assert config.simulator_api_key == "sk-sim-mine"
+    generation = Mesh(config)._service_env("generation", config.generation_addr)
+    assert generation["OPENAI_API_KEY"] == "sk-sim-mine"
+
+    monkeypatch.setenv("SIM_API_KEY", "")  # empty counts as unset, as in the simulator
+    assert MeshConfig.from_env("postgresql://x", "").simulator_api_key.startswith("sk-sim-")
+
+
+def test_a_real_openai_key_replaces_the_simulator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real")
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://llm.example/v1")
+    config = dataclasses.replace(MeshConfig.from_env("postgresql://x", ""), log_dir=tmp_path)
+    assert not config.uses_simulator
+    generation = Mesh(config)._service_env("generation", config.generation_addr)
+    assert generation["OPENAI_API_KEY"] == "sk-real"
+    assert generation["OPENAI_BASE_URL"] == "https://llm.example/v1"

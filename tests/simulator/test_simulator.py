@@ -17,8 +17,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
-from simulator import SimSettings, start
+from simulator import SimSettings, create_app, start
 from tests.simulator.support import sim_settings
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
@@ -346,6 +347,141 @@ async def test_shutdown_releases_hung_requests() -> None:
 
 async def _hanging(sim: Sim, count: int) -> bool:
     return (await sim.stats())["hanging"] == count
+
+
+# --- cancellations -----------------------------------------------------------------------------
+
+
+async def _in_flight(sim: Sim, count: int) -> bool:
+    return (await sim.stats())["in_flight"] == count
+
+
+async def _settled(sim: Sim) -> dict[str, int]:
+    """Stats once no chat completion is open any more (the server has seen every disconnect)."""
+    await _eventually(lambda: _in_flight(sim, 0))
+    return await sim.stats()
+
+
+async def _abandon_while_waiting(sim: Sim) -> None:
+    """Send a chat completion, wait until the simulator holds it, then hang up: cancelling the
+    task closes the client's connection, as a caller whose deadline ran out does."""
+    body = {"model": "gpt-4o-mini", "messages": USER}
+
+    async def post() -> None:
+        async with http.post(f"{sim.url}/v1/chat/completions", json=body) as resp:
+            await resp.read()
+
+    async with aiohttp.ClientSession() as http:
+        pending = asyncio.create_task(post())
+        await _eventually(lambda: _in_flight(sim, 1))
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+
+
+async def test_normal_requests_are_not_cancelled(sim: Sim) -> None:
+    assert (await sim.ask()).choices
+    assert [chunk async for chunk in await sim.ask(stream=True)]
+    await sim.set_faults(status=500)
+    with pytest.raises(openai.InternalServerError):
+        await sim.ask()
+    stats = await _settled(sim)
+    assert stats["requests"] == 3
+    assert stats["cancelled"] == 0
+
+
+async def test_client_leaving_during_latency_is_counted_once(sim: Sim) -> None:
+    await sim.set_faults(latency_ms=60_000)
+    async with asyncio.timeout(10):
+        await _abandon_while_waiting(sim)
+        stats = await _settled(sim)
+    assert stats["cancelled"] == 1
+    assert stats["requests"] == 1
+    assert stats["completions"] == 0
+
+    await sim.call("DELETE", "/_sim/faults")
+    assert (await sim.ask()).choices
+    assert (await _settled(sim))["cancelled"] == 1
+
+
+async def test_client_leaving_during_a_hang_is_counted_once(sim: Sim) -> None:
+    await sim.set_faults(hang=True)
+    async with asyncio.timeout(10):
+        await _abandon_while_waiting(sim)
+        await _eventually(lambda: _hanging(sim, 0))
+        stats = await _settled(sim)
+    assert stats["cancelled"] == 1
+    assert stats["faults_injected"] == 1
+
+    # The SDK giving up on its own timeout is the same disconnect.
+    impatient = sim.client.with_options(timeout=0.3)
+    async with asyncio.timeout(10):
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.chat.completions.create(model="gpt-4o-mini", messages=USER)  # type: ignore[arg-type]
+        assert (await _settled(sim))["cancelled"] == 2
+
+
+async def _leave_mid_stream(sim: Sim) -> None:
+    """Read the first chunk of a stream, close it, and check that counted one cancellation."""
+    async with asyncio.timeout(10):
+        stream = await sim.ask(stream=True)
+        first = await anext(aiter(stream))
+        assert first.choices[0].delta.role == "assistant"
+        assert (await sim.stats())["in_flight"] == 1
+        await stream.close()
+        stats = await _settled(sim)
+    assert stats["cancelled"] == 1
+    assert stats["streams"] == 1
+
+    fast = [c async for c in await sim.ask(stream=True, max_completion_tokens=3)]
+    assert fast[-1].choices[0].finish_reason == "length"
+    assert (await _settled(sim))["cancelled"] == 1
+
+
+async def test_client_leaving_mid_stream_is_counted_once() -> None:
+    # Slow chunks, so the stream is surely still going when the client hangs up.
+    async for sim in _running(sim_settings(stream_chunk_delay_ms=200)):
+        await _leave_mid_stream(sim)
+
+
+async def test_write_to_a_gone_client_is_counted_once() -> None:
+    # Without handler cancellation (the app in another runner) the handler learns that the
+    # client left from the failed write instead of a CancelledError.
+    runner = web.AppRunner(create_app(sim_settings(stream_chunk_delay_ms=200)))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        url = f"http://{host}:{port}"
+        async with aiohttp.ClientSession() as http:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0)
+            try:
+                await _leave_mid_stream(Sim(url, http, client))
+            finally:
+                await client.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_cancelled_is_reset_but_in_flight_is_not(sim: Sim) -> None:
+    await sim.set_faults(hang=True)
+    async with asyncio.timeout(10):
+        await _abandon_while_waiting(sim)
+        assert (await _settled(sim))["cancelled"] == 1
+        pending = asyncio.create_task(sim.ask())
+        await _eventually(lambda: _in_flight(sim, 1))
+        for method, path in (("DELETE", "/_sim/stats"), ("POST", "/_sim/reset")):
+            status, zeroed = await sim.call(method, path)
+            assert status == 200
+            assert zeroed["cancelled"] == 0
+            assert zeroed["in_flight"] == 1  # a gauge: the hung call is still open
+        await sim.call("DELETE", "/_sim/faults")
+        with pytest.raises(openai.InternalServerError):
+            await pending
+    stats = await _settled(sim)
+    assert stats["in_flight"] == 0
+    assert stats["cancelled"] == 0
 
 
 @pytest.mark.parametrize(
