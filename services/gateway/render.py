@@ -129,6 +129,9 @@ def substitutions(settings: GatewaySettings) -> dict[str, str]:
         "HSTS_VALUE": _q(HSTS_VALUE if settings.hsts else ""),
         "MAX_CONNECTIONS": str(settings.max_connections),
         "MAX_HEAP_BYTES": str(settings.max_heap_bytes),
+        # The generate routes' timeouts, which Envoy also sends upstream as grpc-timeout.
+        "GENERATE_TIMEOUT": _q(f"{settings.generate_timeout_seconds}s"),
+        "GENERATE_STREAM_TIMEOUT": _q(f"{settings.stream_timeout_seconds}s"),
         "RATE_LIMIT_TIMEOUT": _q(f"{settings.rate_limit_timeout_ms / 1000:g}s"),
         "RATE_LIMIT_FAIL_CLOSED": _q(settings.rate_limit_fail_closed),
         "RATE_LIMIT_PERCENT": "100" if settings.rate_limit else "0",

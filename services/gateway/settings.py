@@ -126,6 +126,20 @@ class GatewaySettings(BaseSettings):
     )
     # Refuse requests (503) when no decision comes in time, instead of letting them pass.
     rate_limit_fail_closed: bool = Field(default=False, alias="GATEWAY_RATE_LIMIT_FAIL_CLOSED")
+    # -- deadlines ------------------------------------------------------------------------------
+    # How long a Generate call (/api/generate) may take. Envoy sends it to the generation service
+    # as the call's gRPC deadline (grpc-timeout, so context.time_remaining() starts here) and
+    # answers 504 when it has passed. At most 300: the listener's stream_idle_timeout (300 s)
+    # would end a unary call that long silent anyway.
+    generate_timeout_seconds: int = Field(
+        default=60, ge=1, le=300, alias="GATEWAY_GENERATE_TIMEOUT_SECONDS"
+    )
+    # The same for a whole StreamGenerate stream (/api/generate:stream). Unset or empty: the
+    # value of GATEWAY_GENERATE_TIMEOUT_SECONDS.
+    generate_stream_timeout_seconds: int | None = Field(
+        default=None, ge=1, le=3600, alias="GATEWAY_GENERATE_STREAM_TIMEOUT_SECONDS"
+    )
+
     # Envoy worker threads (`--exec` only). 0 = Envoy's default, one per CPU of the machine,
     # which in a container means the node's CPUs, not the pod's limit: set it there.
     concurrency: int = Field(default=0, ge=0, le=256, alias="GATEWAY_CONCURRENCY")
@@ -154,6 +168,12 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("generate_stream_timeout_seconds", mode="before")
+    @classmethod
+    def _unset(cls, value: object) -> object:
+        # `NAME=` in an env file means "not set", not "not a number".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("supabase_url", "jwks_url")
     @classmethod
@@ -201,6 +221,13 @@ class GatewaySettings(BaseSettings):
         if self.jwt_issuer:
             return self.jwt_issuer
         return f"{self.supabase_url}/auth/v1" if self.supabase_url else ""
+
+    @property
+    def stream_timeout_seconds(self) -> int:
+        """The StreamGenerate timeout: its own setting, else the Generate one."""
+        if self.generate_stream_timeout_seconds is None:
+            return self.generate_timeout_seconds
+        return self.generate_stream_timeout_seconds
 
     @property
     def audiences(self) -> list[str]:
