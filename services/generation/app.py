@@ -24,13 +24,16 @@ from services.generation.cache import (
     RedisResponseCache,
     ResilientResponseCache,
 )
+from services.generation.flight_leases import FlightLeases
 from services.generation.inflight import InFlightLimiter
 from services.generation.pipeline import GenerationPipeline, PipelineConfig
 from services.generation.quota_client import QuotaClient
 from services.generation.servicer import GenerationAdminServicer, GenerationServicer
-from services.generation.settings import PLACEHOLDER_API_KEY, GenerationSettings
+from services.generation.settings import GenerationSettings
+from services.generation.shared_calls import SharedCalls
 from services.generation.stats_publisher import StatsPublisher, default_replica_id
 from services.generation.upstream import OpenAIUpstream
+from services.generation.upstream_calls import RetryPolicy, UpstreamCaller
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +48,16 @@ SECURITY_EVENT_TIMEOUT_SECONDS = 2.0
 
 
 def build_openai_client(settings: GenerationSettings) -> openai.AsyncOpenAI | None:
-    """The SDK client, or None when no key is configured and no base URL makes one optional."""
-    api_key = settings.openai_api_key
-    if not api_key and settings.openai_base_url:
-        # An OpenAI-compatible server (the simulator) ignores the key, but the SDK needs one.
-        api_key = PLACEHOLDER_API_KEY
-    if not api_key:
+    """The SDK client, or None when no key is configured. Its own retries are off: the
+    pipeline's retry loop makes them, so the circuit breaker sees every attempt."""
+    if not settings.openai_api_key:
         return None
     return openai.AsyncOpenAI(
-        api_key=api_key,
+        api_key=settings.openai_api_key,
         # Explicit, so the SDK never picks up a different OPENAI_BASE_URL on its own.
         base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
         timeout=settings.openai_timeout_seconds,
-        max_retries=settings.openai_max_retries,
+        max_retries=0,
     )
 
 
@@ -108,7 +108,8 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
         "openai",
         failure_threshold=settings.circuit_breaker_threshold,
         reset_timeout=settings.circuit_breaker_timeout_seconds,
-        half_open_successes=settings.circuit_breaker_half_open_attempts,
+        half_open_attempts=settings.circuit_breaker_half_open_attempts,
+        max_open_seconds=settings.circuit_breaker_max_open_seconds,
     )
     limiter = InFlightLimiter(settings.gen_max_inflight)
     background = BackgroundTasks()
@@ -121,18 +122,31 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
     )
 
     openai_client = build_openai_client(settings)
+    calls: SharedCalls | None = None
     if openai_client is None:
-        log.error(
-            "OPENAI_API_KEY is not set (and no OPENAI_BASE_URL): generation is NOT_SERVING "
-            "until it is configured"
+        log.error("OPENAI_API_KEY is not set: generation is NOT_SERVING until it is configured")
+    else:
+        caller = UpstreamCaller(
+            OpenAIUpstream(openai_client, perf),
+            breaker,
+            RetryPolicy(
+                max_retries=settings.openai_max_retries,
+                base_delay_seconds=settings.openai_retry_base_delay_seconds,
+                max_delay_seconds=settings.openai_retry_max_delay_seconds,
+            ),
+            upstream_timeout_seconds=settings.openai_timeout_seconds,
         )
+        leases = (
+            FlightLeases(redis, settings.gen_singleflight_lease_seconds)
+            if redis.configured
+            else None
+        )
+        calls = SharedCalls(caller, cache, limiter, leases)
     pipeline = GenerationPipeline(
         PipelineConfig.from_settings(settings),
-        OpenAIUpstream(openai_client, perf) if openai_client is not None else None,
+        calls,
         cache,
         quota,
-        breaker,
-        limiter,
         background,
         security_events,
     )
@@ -191,4 +205,4 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
 
 
 async def _missing_api_key() -> None:
-    raise RuntimeError("OPENAI_API_KEY is not set and OPENAI_BASE_URL is empty")
+    raise RuntimeError("OPENAI_API_KEY is not set")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from services.common.errors import Reason, ServiceError
@@ -30,10 +31,16 @@ from services.generation.answer import Answer
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of a cached answer changes, so old entries are simply never read.
-CACHE_KEY_VERSION = "v1"
+CACHE_KEY_VERSION = "v2"
 # Keys live under <REDIS_KEY_PREFIX>gencache:..., so "invalidate all" can find exactly them.
 NAMESPACE = "gencache"
 SCAN_BATCH = 500
+
+CACHE_LOOKUPS = Counter(
+    "genmesh_generation_cache_lookups_total",
+    "Response cache lookups on this replica, by result (hit or miss).",
+    ["result"],
+)
 
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -47,9 +54,17 @@ def normalize_text(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def cache_key(*, model: str, text: str, image_sha256: str, lang: str, prompt_version: str) -> str:
-    """sha256 over what determines the answer; `text` must already be normalized."""
-    material = json.dumps([CACHE_KEY_VERSION, model, text, image_sha256, lang, prompt_version])
+def cache_key(
+    *, model: str, text: str, image_sha256: str, lang: str, prompt_version: str, owner: str = ""
+) -> str:
+    """sha256 over what determines the answer; `text` must already be normalized. `owner` is
+    empty for the shared cache, else the only user whose requests find the entry.
+
+    Unary and streamed requests share a key: both send the model the same request (model,
+    messages, token limit), so the answer is the same; a stream stores its chunking with it."""
+    material = json.dumps(
+        [CACHE_KEY_VERSION, model, text, image_sha256, lang, prompt_version, owner]
+    )
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -329,8 +344,10 @@ class ResilientResponseCache:
             answer = await self.fallback.get(key)
         if answer is None:
             self.misses += 1
+            CACHE_LOOKUPS.labels("miss").inc()
         else:
             self.hits += 1
+            CACHE_LOOKUPS.labels("hit").inc()
         return answer
 
     async def put(self, key: str, answer: Answer, tags: Sequence[str]) -> None:

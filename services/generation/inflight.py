@@ -1,17 +1,29 @@
-"""GEN_MAX_INFLIGHT: generations beyond the limit fail fast with OVERLOADED rather than queue,
-so a replica under a burst answers quickly and the load balancer or client can go elsewhere."""
+"""GEN_MAX_INFLIGHT: upstream calls one replica runs at once. Only calls to the model take a
+slot: cache hits and requests that share another request's call (single-flight) never do, so
+they are never refused. Beyond the limit a call fails fast with OVERLOADED rather than queue,
+so a replica under a burst answers quickly and the client can retry elsewhere."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
 from prometheus_client import Gauge
 
 from services.common.errors import Reason, ServiceError
 
-INFLIGHT = Gauge("genmesh_generation_inflight", "Generations running on this replica.")
+INFLIGHT = Gauge("genmesh_generation_inflight", "Upstream model calls running on this replica.")
+
+
+class Slot:
+    """One held slot; `release()` is idempotent."""
+
+    def __init__(self, limiter: InFlightLimiter) -> None:
+        self._limiter: InFlightLimiter | None = limiter
+
+    def release(self) -> None:
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter.active -= 1
+            INFLIGHT.dec()
 
 
 class InFlightLimiter:
@@ -19,9 +31,8 @@ class InFlightLimiter:
         self.limit = limit
         self.active = 0
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one slot for the block; raises UNAVAILABLE/OVERLOADED when none is free."""
+    def acquire(self) -> Slot:
+        """A slot, or UNAVAILABLE/OVERLOADED when none is free."""
         if self.active >= self.limit:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -31,8 +42,4 @@ class InFlightLimiter:
             )
         self.active += 1
         INFLIGHT.inc()
-        try:
-            yield
-        finally:
-            self.active -= 1
-            INFLIGHT.dec()
+        return Slot(self)

@@ -1,7 +1,9 @@
 """The generation pipeline, shared by Generate and StreamGenerate:
 
-validate -> in-flight slot -> breaker gate -> reserve quota -> response cache -> upstream ->
-cache the answer -> commit (or refund on any failure after the reservation).
+validate -> breaker gate -> reserve quota -> response cache -> single-flight (join an identical
+call in progress, here or on another replica, or lead one: in-flight slot -> upstream behind
+the breaker and retries -> cache the answer) -> commit (or refund on any failure after the
+reservation).
 
 Plain domain code: the servicer only maps protos in and out, and tests drive it directly.
 """
@@ -10,19 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from prometheus_client import Counter
 
 from genmesh.quota.v1 import quota_pb2
 from services.common.background import BackgroundTasks
-from services.common.breaker import CircuitBreaker
 from services.common.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from services.common.identity import Identity
 from services.common.security_events import SEVERITY_LOW, SecurityEventSink
@@ -33,20 +34,25 @@ from services.generation.cache import (
     cache_tags,
     normalize_text,
 )
+from services.generation.cache_policy import CacheOptions, cache_policy
 from services.generation.images import check_image, sniff_image_type
-from services.generation.inflight import InFlightLimiter
 from services.generation.quota_client import QuotaReserver, Reservation
 from services.generation.settings import DEFAULT_MAX_IMAGE_PIXELS, GenerationSettings
+from services.generation.shared_calls import (
+    SUBSCRIBER_GRACE_SECONDS,
+    PreparedGeneration,
+    SharedCalls,
+    within,
+)
 from services.generation.upstream import (
     ImageInput,
     Prompt,
-    Upstream,
-    UpstreamError,
-    upstream_timeout,
     upstream_unavailable,
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_LANG = "en"
 # Stop waiting for the upstream this long before the caller's deadline, so the caller gets
@@ -69,6 +75,7 @@ class GenerationRequest:
     identity: Identity
     # When the caller stops waiting, in the event loop's clock (loop.time()); None = never.
     deadline: float | None = None
+    cache: CacheOptions = field(default_factory=CacheOptions)
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,6 @@ class PipelineConfig:
     vision_model: str
     system_prompt: str
     max_tokens: int
-    # OPENAI_TIMEOUT_SECONDS: a wait at least this long is the upstream's fault.
-    upstream_timeout_seconds: float
     # GEN_MAX_IMAGE_PIXELS.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
@@ -117,7 +122,6 @@ class PipelineConfig:
             vision_model=settings.openai_vision_model,
             system_prompt=settings.gen_system_prompt,
             max_tokens=settings.openai_max_tokens,
-            upstream_timeout_seconds=settings.openai_timeout_seconds,
             max_image_pixels=settings.gen_max_image_pixels,
         )
 
@@ -134,13 +138,6 @@ class PipelineConfig:
         return f"{self.system_prompt.rstrip()} Answer in {lang}."
 
 
-@dataclass(frozen=True)
-class PreparedGeneration:
-    prompt: Prompt
-    cache_key: str
-    tags: tuple[str, ...]
-
-
 def deadline_from_time_remaining(time_remaining: float | None) -> float | None:
     """The loop-clock deadline for a gRPC call with `time_remaining` seconds left."""
     if time_remaining is None:
@@ -152,21 +149,17 @@ class GenerationPipeline:
     def __init__(
         self,
         config: PipelineConfig,
-        upstream: Upstream | None,
+        calls: SharedCalls | None,
         cache: ResilientResponseCache,
         quota: QuotaReserver,
-        breaker: CircuitBreaker,
-        limiter: InFlightLimiter,
         background: BackgroundTasks,
         security_events: SecurityEventSink | None = None,
     ) -> None:
         self.config = config
         # None when no API key is configured (see GenerationSettings.openai_api_key).
-        self.upstream = upstream
+        self._calls = calls
         self.cache = cache
         self.quota = quota
-        self.breaker = breaker
-        self.limiter = limiter
         self.background = background
         self.security_events = security_events
 
@@ -186,20 +179,22 @@ class GenerationPipeline:
 
     async def _generate(self, request: GenerationRequest) -> GenerationResult:
         prepared = self.prepare(request)
-        with self.limiter.slot():
-            answer = await self._gate(prepared)
-            reservation = await self.quota.reserve(request.identity)
-            try:
-                if answer is None:
-                    answer = await self.cache.get(prepared.cache_key)
-                cached = answer is not None
-                if answer is None:
-                    answer = await self._complete(prepared, request.deadline)
-                    await self.cache.put(prepared.cache_key, answer, prepared.tags)
-            except BaseException:
-                await self.settle(reservation, commit=False)
-                raise
-            await self.settle(reservation, commit=True)
+        early = await self._gate(prepared)
+        reservation = await self.quota.reserve(request.identity)
+        try:
+            cached = True
+            answer = early or await self._cached(prepared)
+            if answer is None:
+                cached = False
+                flight = self.calls.flight(prepared, request.deadline, streaming=False)
+                async with self.calls.subscribe(flight):
+                    answer = await within(
+                        request.deadline, flight.result(), grace=SUBSCRIBER_GRACE_SECONDS
+                    )
+        except BaseException:
+            await self.settle(reservation, commit=False)
+            raise
+        await self.settle(reservation, commit=True)
         return self._result(prepared, answer, cached, reservation)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
@@ -228,28 +223,27 @@ class GenerationPipeline:
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         prepared = self.prepare(request)
-        with self.limiter.slot():
-            early = await self._gate(prepared)
-            reservation = await self.quota.reserve(request.identity)
-            settlement = _Settlement(self, reservation)
-            started = False
-            try:
-                async with contextlib.aclosing(
-                    self._stream_reserved(prepared, early, request.deadline, settlement)
-                ) as events:
-                    async for event in events:
-                        started = started or isinstance(event, Delta)
-                        yield event
-            except Exception as exc:
-                await settlement.refund()
-                if not started:
-                    raise
-                yield Failed(_in_band_error(exc))
-            except BaseException:
-                # Cancelled (the client went away) or closed early: the unit goes back
-                # unless the answer was already complete and committed.
-                await settlement.refund()
+        early = await self._gate(prepared)
+        reservation = await self.quota.reserve(request.identity)
+        settlement = _Settlement(self, reservation)
+        started = False
+        try:
+            async with contextlib.aclosing(
+                self._stream_reserved(prepared, early, request.deadline, settlement)
+            ) as events:
+                async for event in events:
+                    started = started or isinstance(event, Delta)
+                    yield event
+        except Exception as exc:
+            await settlement.refund()
+            if not started:
                 raise
+            yield Failed(_in_band_error(exc))
+        except BaseException:
+            # Cancelled (the client went away) or closed early: the unit goes back
+            # unless the answer was already complete and committed.
+            await settlement.refund()
+            raise
 
     async def _stream_reserved(
         self,
@@ -258,31 +252,38 @@ class GenerationPipeline:
         deadline: float | None,
         settlement: _Settlement,
     ) -> AsyncGenerator[StreamEvent, None]:
-        answer = early if early is not None else await self.cache.get(prepared.cache_key)
+        answer = early or await self._cached(prepared)
         if answer is not None:
             await settlement.commit()
-            if answer.text:
-                yield Delta(answer.text)
+            for delta in answer.deltas():
+                yield Delta(delta)
             yield Done(self._result(prepared, answer, True, settlement.reservation))
             return
-        final: Answer | None = None
-        async with contextlib.aclosing(self._stream_upstream(prepared, deadline)) as pieces:
-            async for piece in pieces:
+        flight = self.calls.flight(prepared, deadline, streaming=True)
+        async with self.calls.subscribe(flight):
+            pieces = flight.pieces()
+            streamed = False
+            while True:
+                try:
+                    piece = await within(deadline, anext(pieces), grace=SUBSCRIBER_GRACE_SECONDS)
+                except StopAsyncIteration:  # pragma: no cover - pieces() ends with the Answer
+                    break
                 if isinstance(piece, Answer):
-                    final = piece
-                else:
-                    yield Delta(piece)
-        if final is None:
-            raise upstream_unavailable("the model API ended the stream without an answer", None)
-        await self.cache.put(prepared.cache_key, final, prepared.tags)
-        await settlement.commit()
-        yield Done(self._result(prepared, final, False, settlement.reservation))
+                    if not streamed:  # the call was unary, or ran on another replica
+                        for delta in piece.deltas():
+                            yield Delta(delta)
+                    await settlement.commit()
+                    yield Done(self._result(prepared, piece, False, settlement.reservation))
+                    return
+                streamed = True
+                yield Delta(piece)
+        raise upstream_unavailable("the model API ended the stream without an answer", None)
 
     # -- steps ---------------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> PreparedGeneration:
         """Semantic validation (beyond protovalidate) and everything derived from the request:
-        the prompt, the cache key and its tags."""
+        the prompt, the cache policy, the cache key and its tags."""
         text = normalize_text(request.text)
         image: ImageInput | None = None
         if request.image_data:
@@ -297,7 +298,8 @@ class GenerationPipeline:
             image = ImageInput(request.image_data, request.image_mime_type)
         elif not text:
             raise invalid_argument(FieldViolation("text", "must not be blank"))
-        if self.upstream is None:
+        policy = cache_policy(request.cache, request.identity)
+        if self._calls is None:
             raise upstream_unavailable(
                 "the model API is not configured (OPENAI_API_KEY is not set)", None
             )
@@ -316,93 +318,32 @@ class GenerationPipeline:
             image_sha256=hashlib.sha256(request.image_data).hexdigest() if image else "",
             lang=lang,
             prompt_version=self.config.prompt_version,
+            owner=policy.owner,
         )
-        return PreparedGeneration(
-            prompt, key, cache_tags(model=model, lang=lang, has_image=image is not None)
-        )
+        tags = cache_tags(model=model, lang=lang, has_image=image is not None)
+        return PreparedGeneration(prompt, key, tags + policy.extra_tags, policy)
+
+    @property
+    def calls(self) -> SharedCalls:
+        if self._calls is None:  # prepare() already refused; kept for the type checker
+            raise upstream_unavailable("the model API is not configured", None)
+        return self._calls
+
+    async def _cached(self, prepared: PreparedGeneration) -> Answer | None:
+        if not prepared.policy.read:
+            return None
+        return await self.cache.get(prepared.cache_key)
 
     async def _gate(self, prepared: PreparedGeneration) -> Answer | None:
-        """With the breaker open, only a cached answer can be served (the spec's fallback):
-        without one, fail fast before taking any quota."""
-        if self.breaker.allow():
+        """While the breaker refuses calls, only a cached answer or a call already in flight
+        can serve (the spec's fallback): otherwise fail fast, before taking any quota."""
+        caller = self.calls.caller
+        if caller.breaker.retry_after() <= 0 or self.calls.in_flight(prepared):
             return None
-        answer = await self.cache.get(prepared.cache_key)
+        answer = await self._cached(prepared)
         if answer is None:
-            raise self._breaker_open()
+            raise caller.refusal()
         return answer
-
-    def _breaker_open(self) -> ServiceError:
-        return upstream_unavailable(
-            "the model API is failing; requests are paused while it recovers",
-            max(1.0, self.breaker.retry_after()),
-        )
-
-    def _upstream(self) -> Upstream:
-        if self.upstream is None:  # prepare() already refused; kept for the type checker
-            raise upstream_unavailable("the model API is not configured", None)
-        return self.upstream
-
-    async def _complete(self, prepared: PreparedGeneration, deadline: float | None) -> Answer:
-        # Checked again: the breaker may have opened while we waited for the quota service.
-        if not self.breaker.allow():
-            raise self._breaker_open()
-        upstream = self._upstream()
-        started = asyncio.get_running_loop().time()
-        try:
-            async with asyncio.timeout_at(deadline):
-                answer = await upstream.complete(prepared.prompt)
-        except UpstreamError as err:
-            raise self._failure(err) from None
-        except TimeoutError:
-            raise self._deadline_passed(started) from None
-        self.breaker.record_success()
-        return answer
-
-    async def _stream_upstream(
-        self, prepared: PreparedGeneration, deadline: float | None
-    ) -> AsyncGenerator[str | Answer, None]:
-        if not self.breaker.allow():
-            raise self._breaker_open()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        pieces: AsyncGenerator[str | Answer, None] = self._upstream().stream(prepared.prompt)
-        try:
-            while True:
-                # The deadline guards each wait for the upstream, never our own yields: a
-                # timeout spanning a generator's yield would cancel whatever our caller does.
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        piece = await anext(pieces)
-                except StopAsyncIteration:
-                    break
-                except UpstreamError as err:
-                    raise self._failure(err) from None
-                except TimeoutError:
-                    raise self._deadline_passed(started) from None
-                yield piece
-        finally:
-            await pieces.aclose()
-        self.breaker.record_success()
-
-    def _failure(self, err: UpstreamError) -> ServiceError:
-        if not err.counts_as_failure:
-            return err.error
-        self.breaker.record_failure()
-        if self.breaker.allow():
-            return err.error
-        # This failure opened the breaker: the caller should wait for it, not less.
-        wait = max(err.error.retry_after_seconds or 0.0, self.breaker.retry_after())
-        return dataclasses.replace(err.error, retry_after_seconds=wait)
-
-    def _deadline_passed(self, started: float) -> ServiceError:
-        """The caller's deadline cut the upstream call short. It counts against the upstream
-        only if the upstream had its full OPENAI_TIMEOUT_SECONDS: a client with a tight
-        deadline must not be able to trip the breaker for everyone."""
-        waited = asyncio.get_running_loop().time() - started
-        timeout = upstream_timeout()
-        if waited < self.config.upstream_timeout_seconds:
-            return timeout.error
-        return self._failure(timeout)
 
     async def settle(self, reservation: Reservation, *, commit: bool) -> None:
         """Commit or refund, finishing in the background even if this request is cancelled

@@ -10,9 +10,10 @@ import grpc
 
 from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
 from services.common.admin_auth import AdminGuard
-from services.common.identity import Identity, identity_from_metadata
+from services.common.identity import Identity, identity_from_metadata, metadata_value
 from services.common.perf import PerformanceMonitor
 from services.generation.cache import ResilientResponseCache
+from services.generation.cache_policy import CacheOptions
 from services.generation.pipeline import (
     Delta,
     Done,
@@ -34,6 +35,22 @@ def _identity(context: Context) -> Identity:
     return identity_from_metadata(_metadata(context), context.peer())
 
 
+def _cache_options(request: generation_pb2.GenerateRequest, context: Context) -> CacheOptions:
+    """The request's `cache` field, plus the directives of a standard `Cache-Control` request
+    header (no-cache, no-store), which Envoy passes on as metadata."""
+    options = request.cache
+    directives = {
+        part.strip().lower()
+        for part in metadata_value(_metadata(context), "cache-control").split(",")
+    }
+    return CacheOptions(
+        no_cache=options.no_cache or "no-cache" in directives,
+        no_store=options.no_store or "no-store" in directives,
+        per_user=options.scope == generation_pb2.CACHE_SCOPE_USER,
+        tags=tuple(options.tags),
+    )
+
+
 def _request(request: generation_pb2.GenerateRequest, context: Context) -> GenerationRequest:
     return GenerationRequest(
         text=request.text,
@@ -42,6 +59,7 @@ def _request(request: generation_pb2.GenerateRequest, context: Context) -> Gener
         lang=request.lang,
         identity=_identity(context),
         deadline=deadline_from_time_remaining(context.time_remaining()),
+        cache=_cache_options(request, context),
     )
 
 

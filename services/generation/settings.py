@@ -7,10 +7,6 @@ from pydantic import Field
 
 from services.common.settings import RedisSettings, ServiceSettings
 
-# Used only when OPENAI_BASE_URL points at an OpenAI-compatible server (the simulator) and no
-# key is set: the SDK refuses to start without one, and such servers ignore it.
-PLACEHOLDER_API_KEY = "sk-genmesh-simulator"
-
 DEFAULT_SYSTEM_PROMPT = (
     "You are genmesh, a helpful assistant. Answer clearly and concisely. "
     "When given an image, describe what matters in it and answer the question about it. "
@@ -33,9 +29,8 @@ class GenerationSettings(ServiceSettings, RedisSettings):
     # GRPC_PORT; 0 picks a free port (tests).
     grpc_port: int = Field(default=50051, ge=0, le=65535)
 
-    # API key for the upstream. Empty is allowed: with OPENAI_BASE_URL set (the simulator or
-    # another OpenAI-compatible server) a placeholder key is sent; with neither set the service
-    # starts but reports NOT_SERVING and Generate fails with UNAVAILABLE until it is configured.
+    # API key for the upstream. Empty is allowed so the service can start and say what is
+    # missing: it reports NOT_SERVING and Generate fails with UNAVAILABLE until it is set.
     openai_api_key: str = Field(default="", alias="OPENAI_API_KEY", repr=False)
     # Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8900/v1; empty = OpenAI's.
     openai_base_url: str = Field(default="", alias="OPENAI_BASE_URL")
@@ -47,9 +42,19 @@ class GenerationSettings(ServiceSettings, RedisSettings):
     )
     # Per-attempt timeout of an upstream call (for streams: the longest gap between chunks).
     openai_timeout_seconds: float = Field(default=30.0, alias="OPENAI_TIMEOUT_SECONDS", gt=0)
-    # Retries the SDK makes itself (exponential backoff, honouring Retry-After) on 408, 409,
-    # 429, 5xx and connection errors, within the caller's deadline. 0 disables them.
+    # Retries after a transient upstream failure (timeouts, connection errors, 408, 409, 429,
+    # 5xx), within the caller's deadline; 0 disables them. The SDK's own retries are off: each
+    # attempt is seen by the circuit breaker.
     openai_max_retries: int = Field(default=2, alias="OPENAI_MAX_RETRIES", ge=0, le=10)
+    # Backoff before retry n: uniform in [0, min(max, base * 2**(n-1))] (full jitter).
+    openai_retry_base_delay_seconds: float = Field(
+        default=0.5, alias="OPENAI_RETRY_BASE_DELAY_SECONDS", gt=0
+    )
+    # The longest wait before a retry; an upstream Retry-After longer than this is not
+    # waited out but returned to the caller.
+    openai_retry_max_delay_seconds: float = Field(
+        default=8.0, alias="OPENAI_RETRY_MAX_DELAY_SECONDS", gt=0
+    )
     # Upper bound on the answer's length, in tokens.
     openai_max_tokens: int = Field(default=800, alias="OPENAI_MAX_TOKENS", ge=1)
 
@@ -59,7 +64,8 @@ class GenerationSettings(ServiceSettings, RedisSettings):
     gen_cache_memory_max_entries: int = Field(
         default=1000, alias="GEN_CACHE_MEMORY_MAX_ENTRIES", ge=1
     )
-    # Generations one replica runs at once; more fail fast with UNAVAILABLE/OVERLOADED.
+    # Upstream calls one replica runs at once; more fail fast with UNAVAILABLE/OVERLOADED.
+    # Cache hits and requests sharing an identical call in flight never take a slot.
     gen_max_inflight: int = Field(default=25, alias="GEN_MAX_INFLIGHT", ge=1)
     # Largest image accepted, in pixels (width times height, read from the image's header
     # without decoding it); a larger one is INVALID_ARGUMENT naming image_data. See
@@ -79,13 +85,24 @@ class GenerationSettings(ServiceSettings, RedisSettings):
     # Consecutive upstream failures (429, 500, 502, 503, 504, timeouts, connection errors)
     # that open the upstream circuit breaker ...
     circuit_breaker_threshold: int = Field(default=5, alias="CIRCUIT_BREAKER_THRESHOLD", ge=1)
-    # ... how long it then fails fast before letting calls through half-open ...
+    # ... how long it then fails fast before letting probes through half-open (longer when
+    # the upstream's Retry-After says so, up to CIRCUIT_BREAKER_MAX_OPEN_SECONDS) ...
     circuit_breaker_timeout_seconds: float = Field(
         default=60.0, alias="CIRCUIT_BREAKER_TIMEOUT_SECONDS", gt=0
     )
-    # ... and how many half-open successes close it again.
+    circuit_breaker_max_open_seconds: float = Field(
+        default=600.0, alias="CIRCUIT_BREAKER_MAX_OPEN_SECONDS", gt=0
+    )
+    # ... and how many concurrent half-open probes it admits; that many successes close it.
     circuit_breaker_half_open_attempts: int = Field(
         default=3, alias="CIRCUIT_BREAKER_HALF_OPEN_ATTEMPTS", ge=1
+    )
+
+    # How long the Redis lease behind cross-replica single-flight lasts without renewal: the
+    # leader renews it every third of this while its call runs, so a replica that dies
+    # mid-call delays the others' own call by at most this long.
+    gen_singleflight_lease_seconds: float = Field(
+        default=10.0, alias="GEN_SINGLEFLIGHT_LEASE_SECONDS", gt=0
     )
 
     # The quota service (gRPC host:port). Required: no generation without a reservation.

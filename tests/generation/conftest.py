@@ -30,6 +30,8 @@ from simulator import start
 from tests.simulator.support import sim_settings
 
 ADMIN_TOKEN = "test-admin-token"
+# The simulator checks it, and the service sends it: neither knows what the other is.
+UPSTREAM_API_KEY = "sk-test-upstream-key"
 GUEST_DAILY_LIMIT = 5
 
 
@@ -53,14 +55,17 @@ class Sim:
         async with self.http.delete(f"{self.url}/_sim/faults") as resp:
             assert resp.status == 200
 
-    async def requests(self) -> int:
+    async def stats(self) -> dict[str, int]:
         async with self.http.get(f"{self.url}/_sim/stats") as resp:
-            return int((await resp.json())["requests"])
+            return {k: int(v) for k, v in (await resp.json()).items()}
+
+    async def requests(self) -> int:
+        return (await self.stats())["requests"]
 
 
 @asynccontextmanager
 async def running_sim(**overrides: Any) -> AsyncIterator[Sim]:
-    runner, url = await start(sim_settings(**overrides))
+    runner, url = await start(sim_settings(**({"api_key": UPSTREAM_API_KEY} | overrides)))
     try:
         async with aiohttp.ClientSession() as http:
             yield Sim(url, http)
@@ -185,8 +190,10 @@ def generation_settings(**overrides: Any) -> GenerationSettings:
     base: dict[str, Any] = {
         "grpc_port": 0,
         "metrics_port": 0,
-        "openai_api_key": "",
+        "openai_api_key": UPSTREAM_API_KEY,
         "openai_max_retries": 0,
+        "openai_retry_base_delay_seconds": 0.01,
+        "openai_retry_max_delay_seconds": 0.5,
         "openai_timeout_seconds": 10.0,
         "openai_text_model": "gpt-4o-mini",
         "openai_vision_model": "gpt-4o",

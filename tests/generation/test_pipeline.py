@@ -4,145 +4,14 @@ simulator cannot produce (failures mid-stream, cancellations, deadlines, settle 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import pytest
 
-from genmesh.quota.v1 import quota_pb2
-from services.common.background import BackgroundTasks
-from services.common.breaker import CircuitBreaker
-from services.common.errors import Reason, ServiceError
-from services.common.identity import Identity
-from services.generation.answer import Answer, Usage
-from services.generation.cache import MemoryResponseCache, ResilientResponseCache
-from services.generation.inflight import InFlightLimiter
-from services.generation.pipeline import (
-    Delta,
-    Done,
-    Failed,
-    GenerationPipeline,
-    GenerationRequest,
-    PipelineConfig,
-    StreamEvent,
-)
-from services.generation.quota_client import Reservation
-from services.generation.upstream import Prompt, UpstreamError, upstream_unavailable
+from services.common.errors import ServiceError
+from services.generation.pipeline import Delta, Done, Failed
+from tests.generation.pipeline_rig import ScriptedUpstream, collect, request, rig, unavailable
 from tests.images import tiny_png
-
-GUEST = Identity("", "", "192.0.2.1")
-
-
-def unavailable() -> UpstreamError:
-    return UpstreamError(upstream_unavailable("down", 2.0), counts_as_failure=True)
-
-
-@dataclass
-class ScriptedUpstream:
-    """Streams `pieces`; raises `fail_after` pieces in when `error` is set."""
-
-    pieces: list[str] = field(default_factory=lambda: ["Hello ", "there ", "friend."])
-    error: Exception | None = None
-    fail_after: int = 0
-    delay: float = 0.0
-    prompts: list[Prompt] = field(default_factory=list)
-
-    async def complete(self, prompt: Prompt) -> Answer:
-        self.prompts.append(prompt)
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.error is not None:
-            raise self.error
-        return Answer("".join(self.pieces), prompt.model, Usage(5, len(self.pieces), 5 + 3))
-
-    async def stream(self, prompt: Prompt) -> AsyncGenerator[str | Answer, None]:
-        self.prompts.append(prompt)
-        for i, piece in enumerate(self.pieces):
-            if self.error is not None and i == self.fail_after:
-                raise self.error
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            yield piece
-        if self.error is not None and self.fail_after >= len(self.pieces):
-            raise self.error
-        yield Answer("".join(self.pieces), prompt.model, Usage(5, len(self.pieces), 8))
-
-
-@dataclass
-class MemoryQuota:
-    limit: int = 10
-    used: int = 0
-    settlements: list[tuple[str, bool]] = field(default_factory=list)
-    settle_error: Exception | None = None
-    reserved: int = 0
-
-    async def reserve(self, identity: Identity) -> Reservation:
-        if self.used >= self.limit:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUOTA_EXHAUSTED, "no", 60)
-        self.used += 1
-        self.reserved += 1
-        quota = quota_pb2.Quota(
-            plan="guest", limit=self.limit, used=self.used, remaining=self.limit - self.used
-        )
-        return Reservation(f"r{self.reserved}", quota)
-
-    async def settle(self, reservation_id: str, commit: bool) -> None:
-        self.settlements.append((reservation_id, commit))
-        if self.settle_error is not None:
-            raise self.settle_error
-        if not commit:
-            self.used -= 1
-
-
-@dataclass
-class Rig:
-    pipeline: GenerationPipeline
-    upstream: ScriptedUpstream
-    quota: MemoryQuota
-    breaker: CircuitBreaker
-    background: BackgroundTasks
-
-
-def rig(
-    upstream: ScriptedUpstream | None = None,
-    *,
-    timeout: float = 30.0,
-    threshold: int = 5,
-    system_prompt: str = "Be brief. Answer in {lang}.",
-) -> Rig:
-    upstream = upstream or ScriptedUpstream()
-    quota = MemoryQuota()
-    breaker = CircuitBreaker("openai", failure_threshold=threshold, reset_timeout=60)
-    background = BackgroundTasks()
-    config = PipelineConfig("text-model", "vision-model", system_prompt, 100, timeout)
-    pipeline = GenerationPipeline(
-        config,
-        upstream,
-        ResilientResponseCache(None, MemoryResponseCache(60, 100)),
-        quota,
-        breaker,
-        InFlightLimiter(5),
-        background,
-    )
-    return Rig(pipeline, upstream, quota, breaker, background)
-
-
-def request(text: str = "Hi", **kwargs: Any) -> GenerationRequest:
-    values: dict[str, Any] = {
-        "text": text,
-        "image_data": b"",
-        "image_mime_type": "",
-        "lang": "en",
-        "identity": GUEST,
-    }
-    return GenerationRequest(**(values | kwargs))
-
-
-async def collect(r: Rig, req: GenerationRequest) -> list[StreamEvent]:
-    return [event async for event in r.pipeline.stream(req)]
-
 
 # -- prompts -------------------------------------------------------------------------------------
 
@@ -185,8 +54,7 @@ async def test_blank_text_is_rejected_before_anything_is_spent() -> None:
 
 
 async def test_an_unconfigured_upstream_fails_before_the_reservation() -> None:
-    r = rig()
-    r.pipeline.upstream = None
+    r = rig(configured=False)
     with pytest.raises(ServiceError) as caught:
         await r.pipeline.generate(request())
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE
@@ -228,7 +96,7 @@ async def test_a_cancelled_generation_is_refunded() -> None:
         await task
     await r.background.drain(5)
     assert r.quota.settlements == [("r1", False)]
-    assert r.pipeline.limiter.active == 0
+    assert r.limiter.active == 0
     # A cancelled call says nothing about the upstream's health.
     assert r.breaker.snapshot().failures == 0
 
@@ -247,9 +115,11 @@ async def test_stream_deltas_then_done() -> None:
     assert r.quota.settlements == [("r1", True)]
     assert r.breaker.snapshot().successes == 1
 
+    # A cached stream replays with its original chunking, and its usage.
     again = await collect(r, request())
-    assert [type(e) for e in again] == [Delta, Done]
-    assert isinstance(again[1], Done) and again[1].result.cached
+    assert [e.text for e in again if isinstance(e, Delta)] == ["Hello ", "there ", "friend."]
+    assert isinstance(again[-1], Done) and again[-1].result.cached
+    assert again[-1].result.answer.usage == done.result.answer.usage
 
 
 async def test_stream_failing_midway_ends_with_an_in_band_error_and_a_refund() -> None:
@@ -302,7 +172,7 @@ async def test_a_client_leaving_midstream_refunds() -> None:
     await stream.aclose()
     await r.background.drain(5)
     assert r.quota.settlements == [("r1", False)]
-    assert r.pipeline.limiter.active == 0
+    assert r.limiter.active == 0
 
 
 # -- the breaker and deadlines -------------------------------------------------------------------
@@ -346,8 +216,7 @@ async def test_a_deadline_past_the_upstream_timeout_counts() -> None:
 
 
 async def test_inflight_limit_fails_fast_without_queueing() -> None:
-    r = rig(ScriptedUpstream(delay=10))
-    r.pipeline.limiter.limit = 1
+    r = rig(ScriptedUpstream(delay=10), max_inflight=1)
     task = asyncio.create_task(r.pipeline.generate(request("first")))
     while not r.upstream.prompts:
         await asyncio.sleep(0.01)
@@ -355,7 +224,7 @@ async def test_inflight_limit_fails_fast_without_queueing() -> None:
         await r.pipeline.generate(request("second"))
     assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "OVERLOADED")
     assert caught.value.retry_after_seconds == 1
-    assert r.quota.reserved == 1
+    assert r.quota.settlements == [("r2", False)]  # the refused call's unit went back
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

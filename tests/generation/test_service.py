@@ -214,13 +214,33 @@ async def test_upstream_500_is_unavailable_and_the_unit_is_refunded(
         assert (await quota.of_guest(g.ip)).used == 1
 
 
-async def test_the_sdk_retries_before_giving_up(make_generation: Any, sim: Sim) -> None:
+async def test_transient_failures_are_retried_and_each_attempt_is_counted(
+    make_generation: Any, sim: Sim
+) -> None:
     await sim.set_faults(status=503, rate=1.0)
-    async with make_generation(sim, openai_max_retries=1) as g:
+    async with make_generation(sim, openai_max_retries=2) as g:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await g.stub.Generate(prompt(), metadata=g.guest)
+        # One attempt and two retries, all three seen by the breaker (the SDK retries none).
+        assert await sim.requests() == 3
+        assert g.service.components.breaker.snapshot().failures == 3
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert await sim.requests() == 2
+
+
+async def test_a_retry_that_succeeds_answers(make_generation: Any, sim: Sim) -> None:
+    async with make_generation(sim, openai_max_retries=3) as g:
+        await sim.set_faults(status=500, rate=1.0)
+        call = asyncio.ensure_future(g.stub.Generate(prompt(), metadata=g.guest))
+        await eventually(lambda: _at_least(sim, 1))
+        await sim.clear_faults()
+        reply = await call
+        assert reply.text
+        snapshot = g.service.components.breaker.snapshot()
+        assert (snapshot.failures, snapshot.successes) == (await sim.requests() - 1, 1)
+
+
+async def _at_least(sim: Sim, requests: int) -> bool:
+    return await sim.requests() >= requests
 
 
 async def test_upstream_429_is_our_dependency_limit_not_the_callers(
@@ -419,17 +439,36 @@ async def test_stream_sends_deltas_then_done(make_generation: Any, sim: Sim, quo
     assert (await quota.of_guest(g.ip)).used == 2
 
 
-async def test_stream_of_a_cached_answer_is_one_delta_and_done(
+async def test_a_cached_stream_replays_its_deltas_in_order_with_usage(
     make_generation: Any, sim: Sim
 ) -> None:
     async with make_generation(sim) as g:
-        request = prompt()
+        request = prompt("Tell me a story about a lighthouse keeper and a cat")
+        first = await stream_events(g, request)
+        again = await stream_events(g, request)
+        assert await sim.requests() == 1
+    deltas = [e.delta.text for e in first if e.WhichOneof("event") == "delta"]
+    replayed = [e.delta.text for e in again if e.WhichOneof("event") == "delta"]
+    assert len(deltas) > 2
+    assert replayed == deltas
+    assert again[-1].done.cached is True
+    assert again[-1].done.usage == first[-1].done.usage
+    assert again[-1].done.usage.total_tokens > 0
+
+
+async def test_a_unary_answer_streams_from_the_cache_in_several_deltas(
+    make_generation: Any, sim: Sim
+) -> None:
+    async with make_generation(sim) as g:
+        request = prompt("Tell me a story about a lighthouse keeper and a cat")
         first = await g.stub.Generate(request, metadata=g.guest)
         events = await stream_events(g, request)
-    assert [e.WhichOneof("event") for e in events] == ["delta", "done"]
-    assert events[0].delta.text == first.text
-    assert events[1].done.cached is True
-    assert await sim.requests() == 1
+        assert await sim.requests() == 1
+    deltas = [e.delta.text for e in events if e.WhichOneof("event") == "delta"]
+    assert len(deltas) > 2
+    assert "".join(deltas) == first.text
+    assert events[-1].done.cached is True
+    assert events[-1].done.usage == first.usage
 
 
 async def test_stream_failing_before_any_delta_is_a_normal_error(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import time
@@ -10,11 +11,16 @@ import httpx2
 import openai
 import pytest
 
+from services.common.errors import ServiceError
 from services.generation.upstream import (
     ImageInput,
     Prompt,
+    UpstreamError,
+    error_type,
     map_openai_error,
     retry_after_from_headers,
+    upstream_timeout,
+    upstream_unavailable,
 )
 from tests.images import tiny_png
 
@@ -71,6 +77,86 @@ def test_timeouts_and_connection_errors() -> None:
     assert refused.error.code is grpc.StatusCode.UNAVAILABLE
     assert refused.error.reason == "UPSTREAM_UNAVAILABLE"
     assert refused.counts_as_failure
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retryable", "upstream_retry_after", "retry_after_seconds"),
+    [
+        # Transient: worth another attempt, after the upstream's Retry-After when it sent one.
+        (429, {"retry-after": "17"}, True, 17.0, 17.0),
+        (429, None, True, None, 2.0),  # our callers still get a default
+        (500, None, True, None, 2.0),
+        (502, None, True, None, 2.0),
+        (503, {"retry-after-ms": "1500"}, True, 1.5, 1.5),
+        (504, None, True, None, 2.0),
+        (408, None, True, None, 2.0),
+        (409, None, True, None, 2.0),
+        # Permanent: rejected input, our configuration refused, or not a transient failure.
+        (400, None, False, None, None),
+        (413, None, False, None, None),
+        (422, None, False, None, None),
+        (401, None, False, None, 2.0),
+        (403, None, False, None, 2.0),
+        (404, None, False, None, 2.0),
+        (501, None, False, None, 2.0),
+    ],
+)
+def test_retryable_and_upstream_retry_after(
+    status: int,
+    headers: dict[str, str] | None,
+    retryable: bool,
+    upstream_retry_after: float | None,
+    retry_after_seconds: float | None,
+) -> None:
+    mapped = map_openai_error(status_error(status, headers))
+    assert mapped.retryable is retryable
+    assert mapped.upstream_retry_after == upstream_retry_after
+    assert mapped.error.retry_after_seconds == retry_after_seconds
+    # Unchanged: what counts against the breaker.
+    assert mapped.counts_as_failure is (status in (429, 500, 502, 503, 504))
+
+
+def test_timeouts_and_connection_errors_are_retryable() -> None:
+    for exc in (
+        openai.APITimeoutError(request=REQUEST),
+        openai.APIConnectionError(request=REQUEST),
+    ):
+        mapped = map_openai_error(exc)
+        assert mapped.retryable
+        assert mapped.counts_as_failure
+        assert mapped.upstream_retry_after is None  # the upstream said nothing
+    assert upstream_timeout().retryable
+
+
+def test_an_unusable_answer_is_not_retryable() -> None:
+    response = httpx2.Response(200, request=REQUEST)
+    mapped = map_openai_error(openai.APIResponseValidationError(response, body=None))
+    assert mapped.error.code is grpc.StatusCode.UNAVAILABLE
+    assert not mapped.retryable
+    assert not mapped.counts_as_failure
+    assert mapped.upstream_retry_after is None
+
+
+def test_upstream_error_defaults() -> None:
+    error: ServiceError = upstream_unavailable("down", 2.0)
+    # Without a word on it, a failure that counts against the breaker is transient.
+    assert UpstreamError(error, counts_as_failure=True).retryable
+    assert not UpstreamError(error, counts_as_failure=False).retryable
+    assert UpstreamError(error, counts_as_failure=True).upstream_retry_after is None
+    explicit = UpstreamError(
+        error, counts_as_failure=False, retryable=True, upstream_retry_after=3.0
+    )
+    assert explicit.retryable
+    assert explicit.upstream_retry_after == 3.0
+
+
+def test_error_types() -> None:
+    assert error_type(status_error(429)) == "429"
+    assert error_type(status_error(500)) == "500"
+    assert error_type(openai.APITimeoutError(request=REQUEST)) == "timeout"
+    assert error_type(openai.APIConnectionError(request=REQUEST)) == "APIConnectionError"
+    assert error_type(asyncio.CancelledError()) == "cancelled"
+    assert error_type(GeneratorExit()) == "cancelled"
 
 
 def test_retry_after_forms() -> None:
