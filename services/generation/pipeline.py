@@ -44,11 +44,8 @@ from services.generation.shared_calls import (
     SharedCalls,
     within,
 )
-from services.generation.upstream import (
-    ImageInput,
-    Prompt,
-    upstream_unavailable,
-)
+from services.generation.upstream import ImageInput, Prompt
+from services.generation.upstream_errors import upstream_unavailable
 
 log = logging.getLogger(__name__)
 

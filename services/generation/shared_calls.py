@@ -21,8 +21,9 @@ from services.generation.cache_policy import CachePolicy
 from services.generation.flight_leases import FlightLeases, Following, Lease
 from services.generation.flights import FLIGHT_JOINS, Flight, SingleFlight
 from services.generation.inflight import InFlightLimiter, Slot
-from services.generation.upstream import Prompt, upstream_timeout, upstream_unavailable
+from services.generation.upstream import Prompt
 from services.generation.upstream_calls import UpstreamCaller
+from services.generation.upstream_errors import upstream_timeout, upstream_unavailable
 
 T = TypeVar("T")
 

@@ -32,9 +32,8 @@ from tenacity import (
 from services.common.breaker import CircuitBreaker, Permit
 from services.common.errors import ServiceError
 from services.generation.answer import Answer
-from services.generation.upstream import (
-    Prompt,
-    Upstream,
+from services.generation.upstream import Prompt, Upstream
+from services.generation.upstream_errors import (
     UpstreamError,
     upstream_timeout,
     upstream_unavailable,

@@ -26,8 +26,9 @@ from services.generation.pipeline import (
 )
 from services.generation.quota_client import Reservation
 from services.generation.shared_calls import SharedCalls
-from services.generation.upstream import Prompt, UpstreamError, upstream_unavailable
+from services.generation.upstream import Prompt
 from services.generation.upstream_calls import RetryPolicy, UpstreamCaller
+from services.generation.upstream_errors import UpstreamError, upstream_unavailable
 
 GUEST = Identity("", "", "192.0.2.1")
 

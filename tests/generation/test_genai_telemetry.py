@@ -22,7 +22,8 @@ from services.common.perf import PerformanceMonitor
 from services.generation import genai_metrics
 from services.generation.answer import Answer
 from services.generation.genai_metrics import OperationLabels, TokenUsage
-from services.generation.upstream import ImageInput, OpenAIUpstream, Prompt, UpstreamError
+from services.generation.upstream import ImageInput, OpenAIUpstream, Prompt
+from services.generation.upstream_errors import UpstreamError
 from tests.generation.conftest import Sim, running_sim
 from tests.generation.upstreams import running_broken_stream_upstream
 from tests.images import tiny_png

@@ -17,7 +17,8 @@ from services.common.settings import RedisSettings
 from services.generation.answer import Answer, Usage
 from services.generation.flight_leases import FlightLeases, Following, Lease
 from services.generation.pipeline import Delta, Done
-from services.generation.upstream import Prompt, UpstreamError, upstream_unavailable
+from services.generation.upstream import Prompt
+from services.generation.upstream_errors import UpstreamError, upstream_unavailable
 from tests.generation.pipeline_rig import ScriptedUpstream, collect, request, rig
 
 

@@ -12,9 +12,8 @@ import openai
 import pytest
 
 from services.common.errors import ServiceError
-from services.generation.upstream import (
-    ImageInput,
-    Prompt,
+from services.generation.upstream import ImageInput, Prompt
+from services.generation.upstream_errors import (
     UpstreamError,
     error_type,
     map_openai_error,
