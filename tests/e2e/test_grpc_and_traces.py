@@ -112,15 +112,15 @@ async def test_an_internal_callers_trace_runs_to_postgres_redis_and_the_model(
             ("quota", "/genmesh.quota.v1.QuotaService/ReserveQuota"),
             ("quota", "INSERT"),  # the reservation row, through asyncpg
             ("generation", "GET"),  # the response cache lookup, through redis
-            ("generation", "openai.chat.completions"),
+            ("generation", "chat gpt-4o-mini"),
         },
     )
     # The service called and quota share the trace the caller started ...
     assert {"generation", "quota"} <= {service for service, _ in spans}, spans
-    # ... down to PostgreSQL, Redis and the model.
+    # ... down to PostgreSQL, Redis and the model (a GenAI "chat <model>" client span).
     assert ("quota", "INSERT") in spans, spans
     assert ("generation", "GET") in spans, spans
-    assert ("generation", "openai.chat.completions") in spans, spans
+    assert ("generation", "chat gpt-4o-mini") in spans, spans
 
 
 async def test_reflection_lists_each_services_contract(mesh: RunningMesh) -> None:

@@ -109,6 +109,26 @@ def test_stream_generate_rejects_bad_input(http: httpx.Client) -> None:
     assert "text" in violated_fields(r)
 
 
+def test_generate_takes_cache_options_in_the_body_and_as_cache_control(
+    http: httpx.Client,
+) -> None:
+    prompt = f"Name a river {uuid.uuid4()}"
+    body = {"text": prompt, "cache": {"noStore": True, "tags": ["e2e-rivers"]}}
+    assert http.post("/api/generate", json=body).json()["cached"] is False
+    assert http.post("/api/generate", json={"text": prompt}).json()["cached"] is False
+    assert http.post("/api/generate", json={"text": prompt}).json()["cached"] is True
+    fresh = http.post("/api/generate", json={"text": prompt}, headers={"cache-control": "no-cache"})
+    assert fresh.json()["cached"] is False
+
+    mine = {"text": prompt, "cache": {"scope": "CACHE_SCOPE_USER"}}
+    as_guest = http.post("/api/generate", json=mine)
+    assert as_guest.status_code == 400
+    assert violated_fields(as_guest) == {"cache.scope"}
+    user = auth(f"cache-{uuid.uuid4()}")
+    assert http.post("/api/generate", json=mine, headers=user).json()["cached"] is False
+    assert http.post("/api/generate", json=mine, headers=user).json()["cached"] is True
+
+
 def test_quota_exhaustion_is_429_with_a_real_retry_after(http: httpx.Client) -> None:
     headers = auth(f"user-{uuid.uuid4()}")
     for i in range(FREE_DAILY_LIMIT):
