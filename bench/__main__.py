@@ -6,13 +6,17 @@ simulator as upstream) and print, from one run:
 2. rate-limit decisions per second of one quota process, over gRPC (bench/ratelimit.py);
 3. the cost of the rate limits on the cache-hit generate path: the mesh's Envoy (limits on)
    against a second Envoy with GATEWAY_RATE_LIMIT=false, driven alternately with wrk, with
-   each process's CPU time per request (bench/ratelimit.py; skipped without wrk).
+   each process's CPU time per request (bench/ratelimit.py; skipped without wrk);
+4. single-flight: bursts of identical cache misses against bursts of distinct ones, upstream
+   calls and latency per burst (bench/singleflight.py).
 
 Every rate limit is raised so that no bench request is refused.
 
 Settings: BENCH_REQUESTS (per scenario, default 400), BENCH_CONCURRENCY (default 16),
 BENCH_SIM_LATENCY_MS (upstream latency the simulator adds, default 50), BENCH_RLS_SECONDS
-(each decisions run, default 4), BENCH_WRK_SECONDS (each wrk run, default 8)."""
+(each decisions run, default 4), BENCH_WRK_SECONDS (each wrk run, default 8),
+BENCH_BURST (concurrent misses per single-flight burst, default 16), BENCH_BURST_ROUNDS
+(default 5)."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from pathlib import Path
 from bench import ratelimit, wrk
 from bench.envoy import Gateway, extra_gateway
 from bench.scenarios import print_scenarios
+from bench.singleflight import print_single_flight
 from devstack import infra
 from devstack.mesh import Mesh, MeshConfig
 from services.common.migrations import create_database_if_missing, migrate
@@ -35,6 +40,8 @@ CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "16"))
 SIM_LATENCY_MS = int(os.environ.get("BENCH_SIM_LATENCY_MS", "50"))
 RLS_SECONDS = float(os.environ.get("BENCH_RLS_SECONDS", "4"))
 WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
+BURST = int(os.environ.get("BENCH_BURST", "16"))
+BURST_ROUNDS = int(os.environ.get("BENCH_BURST_ROUNDS", "5"))
 # Alternating runs per variant: the medians of 3 resist one disturbed run.
 ROUNDS = 3
 RLS_WARMUP_SECONDS = 1.0
@@ -142,6 +149,10 @@ def main() -> int:
         print_scenarios(config.gateway_url, REQUESTS, CONCURRENCY)
         print()
         bench_rate_limits(mesh, rd, scratch)
+        print()
+        print_single_flight(
+            config.gateway_url, config.simulator_url, BURST, BURST_ROUNDS, SIM_LATENCY_MS
+        )
         return 0
     except (infra.InfraError, ratelimit.BenchError, wrk.WrkError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
