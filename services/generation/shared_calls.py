@@ -147,7 +147,9 @@ class SharedCalls:
                     if streaming:
                         answer = await self._stream_into(flight, caller, prepared, deadline)
                     else:
-                        answer = await within(deadline, caller.complete(prepared.prompt, deadline))
+                        # Bounded by the deadline inside, attempt by attempt: an outer
+                        # timeout would pre-empt the attempt's own verdict on the upstream.
+                        answer = await caller.complete(prepared.prompt, deadline)
                 except ServiceError as err:
                     if self.leases is not None and lease is not None:
                         await self.leases.publish(lease, err)

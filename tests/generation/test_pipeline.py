@@ -206,11 +206,13 @@ async def test_a_tight_client_deadline_does_not_trip_the_breaker() -> None:
     assert r.quota.settlements == [("r1", False)]
 
 
-async def test_a_deadline_past_the_upstream_timeout_counts() -> None:
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_deadline_past_the_upstream_timeout_counts(streaming: bool) -> None:
     r = rig(ScriptedUpstream(delay=5), timeout=0.05, threshold=1)
     loop = asyncio.get_running_loop()
+    call = collect if streaming else (lambda r, req: r.pipeline.generate(req))
     with pytest.raises(ServiceError) as caught:
-        await collect(r, request(deadline=loop.time() + 0.1))
+        await call(r, request(deadline=loop.time() + 0.1))
     assert caught.value.reason == "UPSTREAM_TIMEOUT"
     assert r.breaker.snapshot().state == "open"
 
