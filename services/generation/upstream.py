@@ -1,7 +1,7 @@
 """The upstream model, behind a small interface: the request types (`Prompt`, `ImageInput`),
 the `Upstream` protocol, and `OpenAIUpstream`, which talks to any OpenAI-compatible
-chat-completions API through the official SDK (OpenAI itself or the simulator; it cannot tell
-which) and raises the SDK's failures as `upstream_errors.UpstreamError`.
+chat-completions API through the official SDK (OpenAI itself or any compatible server; it
+cannot tell which) and raises the SDK's failures as `upstream_errors.UpstreamError`.
 
 Each call here is ONE attempt: the SDK's own retries are off (max_retries=0) and our caller runs
 the one retry loop, guided by what the UpstreamError says. Every attempt is traced and measured
