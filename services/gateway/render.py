@@ -121,10 +121,10 @@ def substitutions(settings: GatewaySettings) -> dict[str, str]:
         "TRUSTED_PROXY_HOPS": str(settings.trusted_proxy_hops),
         "MAX_REQUEST_BYTES": str(settings.max_request_bytes),
         "MAX_BODY_BYTES": str(settings.max_body_bytes),
-        # What a stream may hold while the filters before the body checks wait: twice the limit,
-        # so flow control never pauses a body the checks have not yet judged.
-        "GENERATE_STREAM_BUFFER": str(2 * settings.max_request_bytes),
-        "BODY_STREAM_BUFFER": str(2 * settings.max_body_bytes),
+        # The end of the content-length range_match of the marker routes whose declared length
+        # fits the limit (the end is exclusive).
+        "MAX_REQUEST_BYTES_END": str(settings.max_request_bytes + 1),
+        "MAX_BODY_BYTES_END": str(settings.max_body_bytes + 1),
         "CORS_POLICY": _q(cors_policy(settings)),
         "HSTS_VALUE": _q(HSTS_VALUE if settings.hsts else ""),
         "MAX_CONNECTIONS": str(settings.max_connections),

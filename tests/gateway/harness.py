@@ -113,14 +113,17 @@ def cors(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def generate_transcoder(config: dict[str, Any]) -> dict[str, Any]:
-    """The transcoder's per-route config on the generate marker route (its body limit)."""
+    """The transcoder's per-route config on the generate marker routes (its body limit): the
+    same on both (a declared length that fits the limit, and any other)."""
     vhost = hcm(config)["route_config"]["virtual_hosts"][0]
-    (marker,) = [
+    markers = [
         r for r in vhost["routes"] if r["match"].get("prefix") == "/api/generate" and "route" in r
     ]
-    typed: dict[str, Any] = marker["typed_per_filter_config"][
-        "envoy.filters.http.grpc_json_transcoder"
-    ]
+    assert len(markers) == 2
+    name = "envoy.filters.http.grpc_json_transcoder"
+    fits, other = (r["typed_per_filter_config"][name] for r in markers)
+    assert fits == other
+    typed: dict[str, Any] = fits
     return typed
 
 
@@ -457,6 +460,39 @@ async def post_chunked(port: int, path: str, body: bytes, chunk: int) -> tuple[i
             await sending
         writer.close()
     return int(head.split(b" ", 2)[1]), head
+
+
+async def post_in_two_parts(
+    port: int, path: str, body: bytes, first: int, *, chunked: bool = False
+) -> tuple[int, bytes]:
+    """POST `body`: the headers and its first `first` bytes at once, the rest half a second
+    later, so that part of the body is in Envoy when the rate limit filter gets its answer
+    (the in-test service answers in milliseconds). With a Content-Length, or chunked. The
+    answer is read while sending. Returns the status and the raw response head; TimeoutError
+    means no answer at all."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    framing = "transfer-encoding: chunked" if chunked else f"content-length: {len(body)}"
+    head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+
+    def frame(part: bytes) -> bytes:
+        return f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked and part else part
+
+    async def send() -> None:
+        writer.write(head.encode() + frame(body[:first]))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(frame(body[first:]) + (b"0\r\n\r\n" if chunked else b""))
+        await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        response_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sending
+        writer.close()
+    return int(response_head.split(b" ", 2)[1]), response_head
 
 
 def assert_json_error(response: httpx.Response, status: int, code: int, reason: str) -> None:

@@ -22,6 +22,7 @@ from tests.gateway.harness import (
     Gateway,
     Upstream,
     assert_json_error,
+    post_in_two_parts,
     start_gateway,
     stop,
     token,
@@ -102,6 +103,44 @@ async def test_a_refused_request_is_refused_before_its_body_is_read(
     finally:
         writer.close()
     assert status_line.startswith(b"HTTP/1.1 429")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize(
+    ("path", "limit"), [("/api/events", BODY_BYTES), ("/api/generate", MAX_BYTES)]
+)
+async def test_a_body_over_the_limit_that_came_before_the_decision_is_413(
+    limited_gateway: Gateway, upstream: Upstream, path: str, limit: int, chunked: bool
+) -> None:
+    """Part of the body is in Envoy when the rate limit answer comes: more than the limit, less
+    or more than twice the limit. Envoy used to stop reading such a body and never answer
+    (found by tests/e2e/test_fuzz.py: a truncated events body, no answer in 90 s)."""
+    body = b'{"events": [{"properties": {"a": "' + b"y" * (3 * limit)
+    calls = len(upstream.telemetry.calls)
+    for first in (limit + 4096, 2 * limit + 4096, len(body) - 1):
+        status, head = await post_in_two_parts(
+            limited_gateway.port, path, body, first, chunked=chunked
+        )
+        assert status == 413, head
+        assert b"x-content-type-options: nosniff" in head
+    assert len(upstream.telemetry.calls) == calls
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize(
+    ("path", "limit"), [("/api/events", BODY_BYTES), ("/api/generate", MAX_BYTES)]
+)
+async def test_a_body_within_the_limit_that_came_before_the_decision_is_judged(
+    limited_gateway: Gateway, path: str, limit: int, chunked: bool
+) -> None:
+    """Up to the limit, all but its last byte in Envoy before the answer: judged on its
+    content (truncated JSON: 400), neither refused for its size nor left without an answer."""
+    body = (b'{"events": [{"properties": {"a": "' + b"y" * limit)[:limit]
+    for first in (limit // 2, limit - 1):
+        status, head = await post_in_two_parts(
+            limited_gateway.port, path, body, first, chunked=chunked
+        )
+        assert status == 400, head
 
 
 async def test_without_an_answer_requests_pass_and_carry_no_limit_headers(

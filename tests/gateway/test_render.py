@@ -58,6 +58,7 @@ def test_defaults_render_to_the_documented_config(clean_env: pytest.MonkeyPatch)
     assert [f["name"] for f in manager["http_filters"]] == [
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.cors",
+        "genmesh.body_first",
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.ratelimit",
         "envoy.filters.http.buffer",
@@ -227,6 +228,18 @@ def test_environment_overrides_every_setting(clean_env: pytest.MonkeyPatch) -> N
     assert hcm(config)["xff_num_trusted_hops"] == 2
     assert transcoder["max_request_body_size"] == 4096
     assert generate_transcoder(config)["max_request_body_size"] == 1048576
+    # The marker routes for a declared length that fits follow both limits.
+    vhost = hcm(config)["route_config"]["virtual_hosts"][0]
+    declared = [
+        (r["match"]["prefix"], h["range_match"], r["request_body_buffer_limit"])
+        for r in vhost["routes"]
+        for h in r["match"].get("headers", [])
+        if h["name"] == "content-length"
+    ]
+    assert declared == [
+        ("/api/generate", {"start": 0, "end": 1048577}, 1048576),
+        ("/api/", {"start": 0, "end": 4097}, 4096),
+    ]
     providers = http_filter(config, "envoy.filters.http.jwt_authn")["providers"]
     # Both key sources at once: a token passes if either verifies it.
     assert set(providers) == {"supabase_hs256", "jwks"}
@@ -357,25 +370,48 @@ def test_routes_are_exactly_the_annotated_methods(descriptor_set: Path) -> None:
         assert policy["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
     feedback = routed["/genmesh.telemetry.v1.TelemetryService/SubmitFeedback"]["route"]
     assert feedback["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
-    # The other routes are the /api/ markers, which lead to a cluster with no endpoints.
+    # The other routes are the /api/ markers, which lead to a cluster with no endpoints: two
+    # for each body limit, the first for requests whose content-length fits the limit.
     markers = [r for r in vhost["routes"] if "path" not in r["match"]]
-    assert [r["match"]["prefix"] for r in markers] == ["/api/generate", "/api/"]
+    assert [r["match"]["prefix"] for r in markers] == [
+        "/api/generate",
+        "/api/generate",
+        "/api/",
+        "/api/",
+    ]
     assert {r["route"]["cluster"] for r in markers} == {"not_transcoded"}
-    # While the rate limit filter waits, the stream may hold a whole body (up to the limit).
-    assert [r["request_body_buffer_limit"] for r in markers] == [16 * 1024 * 1024, 128 * 1024]
+    limits = [8 * 1024 * 1024, 8 * 1024 * 1024, 64 * 1024, 64 * 1024]
+    not_grpc = {
+        "name": "content-type",
+        "string_match": {"prefix": "application/grpc"},
+        "invert_match": True,
+        "treat_missing_header_as_empty": True,
+    }
+    for marker, limit in zip(markers[::2], limits[::2], strict=True):
+        assert marker["match"]["headers"] == [
+            not_grpc,
+            {"name": "content-length", "range_match": {"start": 0, "end": limit + 1}},
+        ]
+    for marker in markers[1::2]:
+        assert marker["match"]["headers"] == [not_grpc]
+    # The stream never holds more than the limit while a filter waits.
+    assert [r["request_body_buffer_limit"] for r in markers] == limits
     # Each marker route sets the body limit of the paths it covers, in both checks.
     buffer = "envoy.filters.http.buffer"
     transcoder = "envoy.filters.http.grpc_json_transcoder"
     assert [
         r["typed_per_filter_config"][buffer]["buffer"]["max_request_bytes"] for r in markers
-    ] == [
-        8 * 1024 * 1024,
-        64 * 1024,
-    ]
-    assert (
-        markers[0]["typed_per_filter_config"][transcoder]["max_request_body_size"]
-        == 8 * 1024 * 1024
-    )
+    ] == limits
+    # A body of unknown length, or declared over the limit, is read before anything can pause
+    # the request (genmesh.body_first); one declared to fit is read after the rate limit.
+    body_first = [r["typed_per_filter_config"]["genmesh.body_first"] for r in markers]
+    assert [b.get("disabled", False) for b in body_first] == [True, False, True, False]
+    assert [b["buffer"]["max_request_bytes"] for b in body_first[1::2]] == limits[1::2]
+    for marker in markers[:2]:
+        assert (
+            marker["typed_per_filter_config"][transcoder]["max_request_body_size"]
+            == 8 * 1024 * 1024
+        )
     assert http_filter(config, transcoder)["max_request_body_size"] == 64 * 1024
     nowhere = clusters(config)["not_transcoded"]
     assert nowhere["load_assignment"] == {"cluster_name": "not_transcoded"}
