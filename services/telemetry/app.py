@@ -25,6 +25,7 @@ from services.telemetry.health import (
 )
 from services.telemetry.local_security_events import LocalSecurityEvents
 from services.telemetry.public_health import CachedHealth
+from services.telemetry.retention import RetentionJob
 from services.telemetry.servicer import TelemetryAdminServicer, TelemetryServicer
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.stats import RedisStatsSource
@@ -80,6 +81,8 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
         deadline_seconds=timeout + 0.5,
     )
     servicer = TelemetryServicer(store, public_health)
+    # Monthly partitions of the event tables: created ahead, dropped past retention.
+    retention = RetentionJob.from_settings(db, settings)
     background = BackgroundTasks()
     guard = AdminGuard(settings.genmesh_admin_token, LocalSecurityEvents(store, background))
     # Envoy's access log of the gateway's failures -> per-client bursts -> security events.
@@ -117,9 +120,12 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
         lean_services=[ALS_SERVICE_NAME],
         # Envoy never ends its access log streams: end them so the drain need not wait.
         on_drain=[access_log.close_streams],
-        # In order: the server has drained, so hand pending security events to the store,
-        # commit what is pending, then close clients.
+        on_start=[retention.start],
+        # In order: the retention job stops (it uses the database); the server has drained,
+        # so hand pending security events to the store, commit what is pending, then close
+        # clients.
         on_stop=[
+            retention.stop,
             drain_background,
             store.close,
             generation.close,

@@ -67,6 +67,19 @@ class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
     # so a flood of distinct addresses costs bounded memory (about 0.5 KB a window).
     edge_event_max_tracked: int = Field(default=100_000, alias="EDGE_EVENT_MAX_TRACKED", ge=1)
 
+    # Retention of funnel and security events (services/telemetry/retention.py): both tables
+    # are partitioned by month (UTC) of created_at. A month is dropped whole once its last
+    # instant is older than this many days, so rows live between this and about a month more.
+    events_retention_days: int = Field(default=90, alias="EVENTS_RETENTION_DAYS", ge=1)
+    # Months created ahead of the current one. A row whose month has no partition cannot be
+    # written, so keep this well above what one failed maintenance run could leave missing.
+    events_partitions_ahead: int = Field(default=2, alias="EVENTS_PARTITIONS_AHEAD", ge=1, le=24)
+    # How often each replica runs the maintenance (at start, then at this interval); one
+    # replica at a time does the work (an advisory lock), the others skip that round.
+    events_maintenance_interval_seconds: float = Field(
+        default=3600.0, alias="EVENTS_MAINTENANCE_INTERVAL_SECONDS", gt=0
+    )
+
     # The admin credential expected in the `x-admin-token` header (the full health report,
     # /api/admin/health). Empty disables the admin API (every call gets PERMISSION_DENIED).
     genmesh_admin_token: str = Field(default="", alias="GENMESH_ADMIN_TOKEN", repr=False)

@@ -29,13 +29,22 @@ _CREATE_STAGING = """
         client_ip   text,
         occurred_at timestamptz NOT NULL
     ) ON COMMIT DROP"""
-# Ordered by key so concurrent batches take row locks in the same order (no deadlocks).
+# An event id is unique across the monthly partitions through funnel_event_ids: the ids new
+# to it (ordered by key, so concurrent batches take row locks in the same order: no deadlocks)
+# and their events are inserted by one statement, with the same created_at.
 _INSERT_NEW_EVENTS = """
+    WITH new_ids AS (
+        INSERT INTO funnel_event_ids (event_id)
+        SELECT event_id FROM funnel_events_staging ORDER BY event_id
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING event_id, created_at
+    )
     INSERT INTO funnel_events
-        (event_id, user_id, session_id, event, source, lang, properties, client_ip, occurred_at)
-    SELECT event_id, user_id, session_id, event, source, lang, properties, client_ip, occurred_at
-    FROM funnel_events_staging ORDER BY event_id
-    ON CONFLICT (event_id) DO NOTHING
+        (event_id, user_id, session_id, event, source, lang, properties, client_ip, occurred_at,
+         created_at)
+    SELECT s.event_id, s.user_id, s.session_id, s.event, s.source, s.lang, s.properties,
+           s.client_ip, s.occurred_at, n.created_at
+    FROM funnel_events_staging s JOIN new_ids n USING (event_id)
     RETURNING event_id"""
 _INSERT_WISHLIST = """
     INSERT INTO pro_wishlist (user_id, email, lang) VALUES ($1, $2, $3)
