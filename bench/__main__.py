@@ -8,7 +8,11 @@ simulator as upstream) and print, from one run:
    against a second Envoy with GATEWAY_RATE_LIMIT=false, driven alternately with wrk, with
    each process's CPU time per request (bench/ratelimit.py; skipped without wrk);
 4. single-flight: bursts of identical cache misses against bursts of distinct ones, upstream
-   calls and latency per burst (bench/singleflight.py).
+   calls and latency per burst (bench/singleflight.py);
+5. funnel events: committed events per second through POST /api/events via Envoy (wrk,
+   batches of 50 new events) against the same events INSERTed into PostgreSQL one per
+   statement, alternately, with their ratio and the goals (bench/events.py; skipped without
+   wrk).
 
 Every rate limit is raised so that no bench request is refused.
 
@@ -16,7 +20,7 @@ Settings: BENCH_REQUESTS (per scenario, default 400), BENCH_CONCURRENCY (default
 BENCH_SIM_LATENCY_MS (upstream latency the simulator adds, default 50), BENCH_RLS_SECONDS
 (each decisions run, default 4), BENCH_WRK_SECONDS (each wrk run, default 8),
 BENCH_BURST (concurrent misses per single-flight burst, default 16), BENCH_BURST_ROUNDS
-(default 5)."""
+(default 5), BENCH_EVENTS_SECONDS (each funnel-events run, default 8)."""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from bench import ratelimit, wrk
+from bench import events, ratelimit, wrk
 from bench.envoy import Gateway, extra_gateway
 from bench.scenarios import print_scenarios
 from bench.singleflight import print_single_flight
@@ -42,6 +46,7 @@ RLS_SECONDS = float(os.environ.get("BENCH_RLS_SECONDS", "4"))
 WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
 BURST = int(os.environ.get("BENCH_BURST", "16"))
 BURST_ROUNDS = int(os.environ.get("BENCH_BURST_ROUNDS", "5"))
+EVENTS_SECONDS = float(os.environ.get("BENCH_EVENTS_SECONDS", "8"))
 # Alternating runs per variant: the medians of 3 resist one disturbed run.
 ROUNDS = 3
 RLS_WARMUP_SECONDS = 1.0
@@ -103,6 +108,30 @@ def bench_rate_limits(mesh: Mesh, redis: infra.Server | None, scratch: Path) -> 
     ratelimit.print_cost(report)
 
 
+def bench_events(mesh: Mesh, scratch: Path) -> None:
+    wrk_binary = wrk.binary()
+    if wrk_binary is None:
+        print(
+            "Funnel events: skipped, wrk is not installed (apt-get install wrk, brew install wrk)"
+        )
+        return
+    config = mesh.config
+    services = {name: pid_of(mesh, name) for name in ("envoy", "quota", "telemetry")}
+    report = asyncio.run(
+        events.measure(
+            wrk_binary,
+            config.gateway_url,
+            config.database_url,
+            services,
+            scratch,
+            ROUNDS,
+            EVENTS_SECONDS,
+            WRK_WARMUP_SECONDS,
+        )
+    )
+    events.print_events(report, os.cpu_count())
+
+
 def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="genmesh-bench-"))
     pg = infra.postgres(scratch)
@@ -153,6 +182,8 @@ def main() -> int:
         print_single_flight(
             config.gateway_url, config.simulator_url, BURST, BURST_ROUNDS, SIM_LATENCY_MS
         )
+        print()
+        bench_events(mesh, scratch)
         return 0
     except (infra.InfraError, ratelimit.BenchError, wrk.WrkError) as err:
         print(f"ERROR: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ same cores. wrk sends HTTP/1.1 keep-alive requests from a fixed number of connec
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -120,3 +121,26 @@ def run(
     if done.returncode != 0:
         raise WrkError(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr}")
     return parse(done.stdout)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's children that have exited and been waited for
+    (getrusage RUSAGE_CHILDREN). A child still running (the mesh's processes) is not counted,
+    so the growth across `run` is the CPU of that wrk process."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_with_cpu(
+    wrk: str,
+    url: str,
+    script: Path,
+    seconds: float,
+    threads: int = 2,
+    connections: int = 32,
+) -> tuple[WrkResult, float]:
+    """`run`, and the CPU seconds wrk itself used: on a machine whose cores the load generator
+    shares with the processes it drives, that says how much of them it took."""
+    before = children_cpu_seconds()
+    result = run(wrk, url, script, seconds, threads=threads, connections=connections)
+    return result, children_cpu_seconds() - before
