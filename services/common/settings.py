@@ -7,7 +7,7 @@ in the README with its default. Names from the product spec stay (`OPENAI_*`, `G
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,14 @@ class ServiceSettings(BaseSettings):
     health_probe_interval_seconds: float = Field(
         default=5.0, alias="HEALTH_PROBE_INTERVAL_SECONDS", gt=0
     )
+    # How often this replica pushes its stats (breakers, cache, operations: ReplicaStats in
+    # protos/genmesh/stats/v1/stats.proto) to telemetry for the operators' health report;
+    # telemetry keeps each push for three intervals.
+    stats_publish_interval_seconds: float = Field(
+        default=5.0, alias="STATS_PUBLISH_INTERVAL_SECONDS", gt=0
+    )
+    # This replica's name in those stats (REPLICA_ID, else POD_NAME); empty = "<hostname>-<pid>".
+    replica_id: str = Field(default="", validation_alias=AliasChoices("REPLICA_ID", "POD_NAME"))
 
 
 class PostgresSettings(BaseSettings):

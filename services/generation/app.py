@@ -17,8 +17,10 @@ from services.common.breaker import CircuitBreaker
 from services.common.channels import internal_channel
 from services.common.perf import PerformanceMonitor
 from services.common.redis import ResilientRedis
+from services.common.replica_stats import ReplicaStatsBuilder, redis_fallback, replica_id
 from services.common.security_events import TelemetrySecurityEvents
 from services.common.server import Dependency, GrpcService
+from services.common.stats_service import STATS_SERVICE_NAME, StatsReporter, add_stats_service
 from services.generation.cache import (
     MemoryResponseCache,
     RedisResponseCache,
@@ -31,7 +33,6 @@ from services.generation.quota_client import QuotaClient
 from services.generation.servicer import GenerationAdminServicer, GenerationServicer
 from services.generation.settings import GenerationSettings
 from services.generation.shared_calls import SharedCalls
-from services.generation.stats_publisher import StatsPublisher, default_replica_id
 from services.generation.upstream import OpenAIUpstream
 from services.generation.upstream_calls import RetryPolicy, UpstreamCaller
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     "genmesh.generation.v1.GenerationService",
     "genmesh.generation.v1.GenerationAdminService",
+    STATS_SERVICE_NAME,
 )
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # How long stop() waits for in-flight settlements and security events.
@@ -63,7 +65,7 @@ def build_openai_client(settings: GenerationSettings) -> openai.AsyncOpenAI | No
 
 @dataclass
 class GenerationComponents:
-    """The parts a running service is made of (tests and the stats publisher read them)."""
+    """The parts a running service is made of (tests and the replica's stats read them)."""
 
     settings: GenerationSettings
     perf: PerformanceMonitor
@@ -73,7 +75,8 @@ class GenerationComponents:
     limiter: InFlightLimiter
     quota: QuotaClient
     pipeline: GenerationPipeline
-    stats: StatsPublisher
+    stats: ReplicaStatsBuilder
+    reporter: StatsReporter
     background: BackgroundTasks
 
 
@@ -84,17 +87,18 @@ class GenerationService(GrpcService):
         register: Callable[[grpc.aio.Server], None],
         dependencies: Sequence[Dependency],
         on_stop: Sequence[Callable[[], Awaitable[None]]],
+        on_start: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         super().__init__(
-            "generation", components.settings, SERVICE_NAMES, register, dependencies, on_stop
+            "generation",
+            components.settings,
+            SERVICE_NAMES,
+            register,
+            dependencies,
+            on_stop,
+            on_start,
         )
         self.components = components
-
-    async def start(self) -> int:
-        port = await super().start()
-        # Published once right away, then every interval, so health sees a new replica at once.
-        await self.components.stats.start()
-        return port
 
 
 async def create_service(settings: GenerationSettings) -> GenerationService:
@@ -150,16 +154,30 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
         background,
         security_events,
     )
-    stats = StatsPublisher(
-        redis,
-        settings.gen_replica_id or default_replica_id(),
-        settings.stats_publish_interval_seconds,
-        breaker,
-        cache,
-        perf,
+    # This replica's stats for the operators' health report: served by GetStats and pushed
+    # to telemetry (ReportStats) every STATS_PUBLISH_INTERVAL_SECONDS.
+    stats = ReplicaStatsBuilder(
+        "generation",
+        replica_id(settings.gen_replica_id, settings.replica_id),
+        perf=perf,
+        breakers=[breaker, redis.breaker] if redis.configured else [breaker],
+        cache=cache.stats,
+        inflight=lambda: limiter.active,
+        fallbacks={"redis": redis_fallback(redis)},
     )
+    reporter = StatsReporter(stats, telemetry_channel, settings.stats_publish_interval_seconds)
     components = GenerationComponents(
-        settings, perf, redis, cache, breaker, limiter, quota, pipeline, stats, background
+        settings,
+        perf,
+        redis,
+        cache,
+        breaker,
+        limiter,
+        quota,
+        pipeline,
+        stats,
+        reporter,
+        background,
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -172,6 +190,7 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
             ),
             server,
         )
+        add_stats_service(server, stats, reporter.ttl_seconds)
 
     # Readiness: no generation without a quota reservation, so quota is required. Redis is
     # optional (the in-memory fallback). The upstream model API is deliberately not probed:
@@ -194,14 +213,19 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
         if openai_client is not None:
             await openai_client.close()
 
-    return GenerationService(
+    service = GenerationService(
         components,
         register,
         dependencies,
-        # Order matters: stop publishing (needs Redis), finish settlements (need the quota
-        # channel), then close the clients, Redis last.
-        on_stop=[stats.stop, close_clients, redis.close],
+        # Order matters: stop reporting stats (the last report needs the telemetry channel
+        # and reads Redis), finish settlements (need the quota channel), then close the
+        # clients, Redis last.
+        on_stop=[reporter.stop, close_clients, redis.close],
+        # Reported once right away, then every interval, so health sees a new replica at once.
+        on_start=[reporter.start],
     )
+    stats.follow_health(service.health)
+    return service
 
 
 async def _missing_api_key() -> None:

@@ -116,9 +116,7 @@ class GenerationSettings(ServiceSettings, RedisSettings):
     # API (every call gets PERMISSION_DENIED).
     genmesh_admin_token: str = Field(default="", alias="GENMESH_ADMIN_TOKEN", repr=False)
 
-    # How often this replica publishes its stats snapshot to Redis for the health endpoint.
-    stats_publish_interval_seconds: float = Field(
-        default=5.0, alias="STATS_PUBLISH_INTERVAL_SECONDS", gt=0
-    )
-    # This replica's name in the stats snapshot; empty = "<hostname>-<pid>".
+    # This replica's name in its stats (GetStats and the pushes to telemetry); empty = the
+    # shared REPLICA_ID/POD_NAME, else "<hostname>-<pid>". How often they are pushed is
+    # STATS_PUBLISH_INTERVAL_SECONDS (services/common/settings.py).
     gen_replica_id: str = Field(default="", alias="GEN_REPLICA_ID")

@@ -1,6 +1,7 @@
 """Wires the quota service together: settings -> stores -> ledger -> servicer -> server, the
 rate limit service Envoy asks (config -> limiter -> decider -> RLS adapter), the operators'
-block admin, and the reservation sweeper that runs beside the server."""
+block admin, the reservation sweeper that runs beside the server, and this replica's stats
+(GetStats, pushed to telemetry)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from services.common.channels import internal_channel
 from services.common.db import Database
 from services.common.perf import PerformanceMonitor
 from services.common.redis import ResilientRedis
+from services.common.replica_stats import ReplicaStatsBuilder, redis_fallback, replica_id
 from services.common.security_events import SecurityEventSink, TelemetrySecurityEvents
 from services.common.server import Dependency, GrpcService
+from services.common.stats_service import STATS_SERVICE_NAME, StatsReporter, add_stats_service
 from services.quota.clock import QuotaClock
 from services.quota.guest_store import (
     FallbackGuestQuotaStore,
@@ -119,6 +122,16 @@ async def create_service(
     decider = build_decider(settings, redis, security_events)
     blocks = BlockAdmin(decider.limiter, decider.networks, security_events)
     rls_messages = RlsMessages()
+    # This replica's stats for the operators' health report: served by GetStats and pushed
+    # to telemetry (ReportStats) every STATS_PUBLISH_INTERVAL_SECONDS.
+    stats = ReplicaStatsBuilder(
+        "quota",
+        replica_id(settings.replica_id),
+        perf=perf,
+        breakers=[redis.breaker] if redis.configured else [],
+        fallbacks={"redis": redis_fallback(redis)},
+    )
+    reporter = StatsReporter(stats, telemetry_channel, settings.stats_publish_interval_seconds)
 
     def register(server: grpc.aio.Server) -> None:
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(ledger), server)
@@ -127,23 +140,27 @@ async def create_service(
             server,
         )
         add_rate_limit_service(server, decider, rls_messages)
+        add_stats_service(server, stats, reporter.ttl_seconds)
 
     async def close_telemetry() -> None:
         await background.drain(BACKGROUND_DRAIN_SECONDS)
         await telemetry_channel.close(grace=None)
 
-    return GrpcService(
+    service = GrpcService(
         "quota",
         settings,
-        [SERVICE_NAME, ADMIN_SERVICE_NAME],
+        [SERVICE_NAME, ADMIN_SERVICE_NAME, STATS_SERVICE_NAME],
         register,
         dependencies=[
             # Profiles live only in PostgreSQL; guests fall back to memory without Redis.
             Dependency("postgres", db.ping, required=True),
             Dependency("redis", redis.ping, required=False),
         ],
-        on_start=[sweeper.start],
+        on_start=[sweeper.start, reporter.start],
         lean_services=[RLS_SERVICE_NAME],
-        # The sweeper first: it uses the database and Redis; pending security events next.
-        on_stop=[sweeper.stop, close_telemetry, db.close, redis.close],
+        # The stats reporter and the sweeper first (the last stats report needs the telemetry
+        # channel; the sweeper uses the database and Redis); pending security events next.
+        on_stop=[reporter.stop, sweeper.stop, close_telemetry, db.close, redis.close],
     )
+    stats.follow_health(service.health)
+    return service

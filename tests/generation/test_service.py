@@ -4,7 +4,6 @@ service on this run's PostgreSQL and Redis, and the service's own Redis prefix."
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
@@ -15,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from genmesh.generation.v1 import generation_pb2 as gen
+from genmesh.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.common.identity import CLIENT_IP_HEADER, USER_ID_HEADER, USER_ROLE_HEADER, Identity
 from services.generation.pipeline import GenerationRequest
 from tests.generation.conftest import (
@@ -647,81 +647,67 @@ async def test_performance_stats(make_generation: Any, sim: Sim) -> None:
     assert {"redis.get", "redis.set"} <= set(ops)
 
 
-async def read_json(client: Redis, key: str) -> Any:
-    raw = await client.get(key)
-    assert raw is not None, f"{key} is missing"
-    return json.loads(raw)
+# -- the replica's stats (genmesh.stats.v1.StatsService) -----------------------------------------
 
 
-# -- the stats snapshot --------------------------------------------------------------------------
-
-
-async def test_stats_snapshot_is_published_to_redis(
+async def test_get_stats_reports_breakers_cache_and_operations(
     make_generation: Any, sim: Sim, redis_url: str
 ) -> None:
     client = Redis.from_url(redis_url)
     try:
-        async with make_generation(sim, stats_publish_interval_seconds=0.2) as g:
-            key = f"{g.settings.redis_key_prefix}stats:generation:{g.settings.gen_replica_id}"
-            # Published at start already.
-            first = await read_json(client, key)
-            ttl_ms = await client.pttl(key)
-            assert 0 < ttl_ms <= 600
-
-            await g.stub.Generate(prompt(), metadata=g.guest)
-
-            async def shows_the_call() -> bool:
-                raw = await client.get(key)
-                ops = {o["name"] for o in json.loads(raw)["operations"]} if raw else set()
-                return "openai.chat.completions" in ops
-
-            await eventually(shows_the_call)
-            snapshot = await read_json(client, key)
-        # A replica that stops cleanly leaves at once.
-        assert await client.exists(key) == 0
+        async with make_generation(sim) as g:
+            request = prompt()
+            await g.stub.Generate(request, metadata=g.guest)  # a miss, then cached
+            assert (await g.stub.Generate(request, metadata=g.guest)).cached
+            stats = await stats_pb2_grpc.StatsServiceStub(g.channel).GetStats(
+                stats_pb2.GetStatsRequest(), timeout=5
+            )
+            # The stats go over gRPC only: nothing is written to Redis for them any more.
+            prefix = g.settings.redis_key_prefix
+            stats_keys = [key async for key in client.scan_iter(match=f"{prefix}stats:*")]
     finally:
         await client.aclose()
 
-    assert set(first) == {"replica", "published_at", "circuit_breakers", "cache", "operations"}
-    assert first["replica"] == g.settings.gen_replica_id
-    assert snapshot["published_at"] >= first["published_at"]
-    assert abs(snapshot["published_at"] - time.time()) < 60
-    assert snapshot["circuit_breakers"] == [
-        {
-            "name": "openai",
-            "state": "closed",
-            "failures": 0,
-            "successes": 1,
-            "last_failure_time": None,
-        }
-    ]
-    assert snapshot["cache"] == {"hits": 0, "misses": 1, "entries": 1, "backend": "redis"}
-    for op in snapshot["operations"]:
-        assert set(op) == {"name", "count", "errors", "total_ms", "max_ms", "slow"}
-        assert isinstance(op["count"], int) and isinstance(op["total_ms"], float)
-    openai_op = next(o for o in snapshot["operations"] if o["name"] == "openai.chat.completions")
-    assert (openai_op["count"], openai_op["errors"], openai_op["slow"]) == (1, 0, 0)
+    assert stats_keys == []
+    assert (stats.service, stats.replica) == ("generation", g.settings.gen_replica_id)
+    assert stats.serving
+    assert stats.ttl_seconds == 1  # three intervals of 0.2 s, rounded up
+    assert abs(stats.reported_at.ToMicroseconds() / 1e6 - time.time()) < 60
+    assert [b.name for b in stats.breakers] == ["openai", "redis"]
+    openai = stats.breakers[0]
+    assert openai.state == stats_pb2.BREAKER_STATE_CLOSED
+    assert (openai.failures, openai.successes, openai.consecutive_failures) == (0, 1, 0)
+    assert not openai.HasField("last_failure_time")
+    assert stats.breakers[1].state == stats_pb2.BREAKER_STATE_CLOSED
+    assert stats.cache == stats_pb2.CacheStats(hits=1, misses=1, entries=1, backend="redis")
+    assert stats.inflight == 0
+    assert [(f.name, f.engaged) for f in stats.fallbacks] == [("redis", False)]
+    ops = {(op.name, op.window_seconds): op for op in stats.operations}
+    for window in (60, 300):
+        call = ops["openai.chat.completions", window]
+        assert (call.count, call.errors, call.slow) == (1, 0, 0)
+        assert 0 < call.avg_ms <= call.p95_ms <= call.max_ms
+        assert ops["quota.reserve", window].count == 2
 
 
-async def test_breaker_state_in_the_snapshot(
-    make_generation: Any, sim: Sim, redis_url: str
-) -> None:
+async def test_breaker_state_in_get_stats(make_generation: Any, sim: Sim) -> None:
     await sim.set_faults(status=500, rate=1.0)
-    client = Redis.from_url(redis_url)
     try:
         async with make_generation(sim, circuit_breaker_threshold=1) as g:
-            key = f"{g.settings.redis_key_prefix}stats:generation:{g.settings.gen_replica_id}"
             with pytest.raises(grpc.aio.AioRpcError):
                 await g.stub.Generate(prompt(), metadata=g.guest)
-
-            async def shows_open() -> bool:
-                snapshot = await read_json(client, key)
-                return bool(snapshot["circuit_breakers"][0]["state"] == "open")
-
-            await eventually(shows_open)
-            breaker = (await read_json(client, key))["circuit_breakers"][0]
+            stats = await stats_pb2_grpc.StatsServiceStub(g.channel).GetStats(
+                stats_pb2.GetStatsRequest(), timeout=5
+            )
     finally:
-        await client.aclose()
-    assert breaker["failures"] == 1
-    assert isinstance(breaker["last_failure_time"], float)
-    assert abs(breaker["last_failure_time"] - time.time()) < 60
+        await sim.clear_faults()
+    breaker = next(b for b in stats.breakers if b.name == "openai")
+    assert breaker.state == stats_pb2.BREAKER_STATE_OPEN
+    assert (breaker.failures, breaker.consecutive_failures) == (1, 1)
+    assert breaker.HasField("last_failure_time")
+    assert abs(breaker.last_failure_time.ToMicroseconds() / 1e6 - time.time()) < 60
+    assert 0 < breaker.retry_after_seconds <= 60
+    assert breaker.probes_in_flight == 0
+    # A failed call is an error in the operation's windows.
+    ops = {(op.name, op.window_seconds): op for op in stats.operations}
+    assert ops["openai.chat.completions", 60].errors == 1
