@@ -11,7 +11,9 @@ from services.common.background import BackgroundTasks
 from services.common.db import Database
 from services.common.perf import PerformanceMonitor
 from services.common.redis import ResilientRedis
+from services.common.replica_stats import ReplicaStatsBuilder, redis_fallback, replica_id
 from services.common.server import Dependency, GrpcService
+from services.common.stats_service import STATS_SERVICE_NAME, add_stats_service
 from services.telemetry.access_log import SERVICE_NAME as ALS_SERVICE_NAME
 from services.telemetry.access_log import AccessLogServicer, AlsMessages, add_access_log_service
 from services.telemetry.edge_events import EdgeEventAggregator
@@ -19,16 +21,23 @@ from services.telemetry.group_commit import BatchLimits
 from services.telemetry.health import (
     GENERATION_SERVICE,
     QUOTA_SERVICE,
-    GrpcHealthTarget,
+    REQUIRED_SERVICES,
     Probe,
+    ServiceTarget,
     SystemHealth,
+    service_probes,
 )
 from services.telemetry.local_security_events import LocalSecurityEvents
 from services.telemetry.public_health import CachedHealth
 from services.telemetry.retention import RetentionJob
 from services.telemetry.servicer import TelemetryAdminServicer, TelemetryServicer
 from services.telemetry.settings import TelemetrySettings
-from services.telemetry.stats import RedisStatsSource
+from services.telemetry.stats_collector import (
+    COLLECTOR_SERVICE_NAME,
+    LocalReporter,
+    ReplicaStatsStore,
+    add_stats_collector,
+)
 from services.telemetry.store import TelemetryStore
 
 SERVICE_NAME = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
@@ -43,6 +52,7 @@ class TelemetryService(GrpcService):
     store: TelemetryStore
     system_health: SystemHealth
     public_health: CachedHealth
+    replica_reports: ReplicaStatsStore
 
 
 async def create_service(settings: TelemetrySettings) -> TelemetryService:
@@ -58,19 +68,33 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
             max_pending_rows=settings.telemetry_batch_max_pending_rows,
         ),
     )
-    generation = GrpcHealthTarget(settings.generation_addr, GENERATION_SERVICE)
-    quota = GrpcHealthTarget(settings.quota_addr, QUOTA_SERVICE)
-    timeout = settings.health_check_timeout_seconds
+    # The replicas' stats: pushed here (ReportStats) by every replica of every service, kept
+    # in Redis so every telemetry replica sees them all; this replica's own join them.
+    replica_reports = ReplicaStatsStore(redis)
+    own_stats = ReplicaStatsBuilder(
+        "telemetry",
+        replica_id(settings.replica_id),
+        perf=perf,
+        breakers=[redis.breaker] if redis.configured else [],
+        fallbacks={"redis": redis_fallback(redis)},
+    )
+    own_reporter = LocalReporter(
+        own_stats, replica_reports, settings.stats_publish_interval_seconds
+    )
+    generation = ServiceTarget("generation", settings.generation_addr, GENERATION_SERVICE)
+    quota = ServiceTarget("quota", settings.quota_addr, QUOTA_SERVICE)
+    deadline = settings.health_report_deadline_seconds
+    timeout = min(settings.health_check_timeout_seconds, deadline)
+    generation_check, generation_stats = service_probes(generation, timeout)
+    quota_check, quota_stats = service_probes(quota, timeout)
     health = SystemHealth(
-        [
-            Probe("database", db.ping),
-            Probe("redis", redis.ping),
-            Probe("generation", lambda: generation.check(timeout)),
-            Probe("quota", lambda: quota.check(timeout)),
-        ],
-        RedisStatsSource(redis),
-        perf,
+        [Probe("database", db.ping), Probe("redis", redis.ping), generation_check, quota_check],
+        pulls=[generation_stats, quota_stats],
+        pushed=replica_reports,
+        own=own_stats.build,
+        required_services=REQUIRED_SERVICES,
         timeout_seconds=timeout,
+        deadline_seconds=deadline,
         degraded_latency_ms=settings.health_degraded_latency_ms,
         openai_breaker=settings.health_openai_breaker_name,
     )
@@ -78,7 +102,7 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
     public_health = CachedHealth(
         health.report,
         max_age_seconds=settings.health_cache_seconds,
-        deadline_seconds=timeout + 0.5,
+        deadline_seconds=deadline + 0.5,
     )
     servicer = TelemetryServicer(store, public_health)
     # Monthly partitions of the event tables: created ahead, dropped past retention.
@@ -102,6 +126,8 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
             TelemetryAdminServicer(guard, health), server
         )
         add_access_log_service(server, access_log)
+        add_stats_service(server, own_stats, own_reporter.ttl_seconds)
+        add_stats_collector(server, replica_reports)
 
     async def drain_background() -> None:
         await background.drain(BACKGROUND_DRAIN_SECONDS)
@@ -109,7 +135,7 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
     service = TelemetryService(
         "telemetry",
         settings,
-        [SERVICE_NAME, ADMIN_SERVICE_NAME],
+        [SERVICE_NAME, ADMIN_SERVICE_NAME, STATS_SERVICE_NAME, COLLECTOR_SERVICE_NAME],
         register,
         dependencies=[
             Dependency("postgres", db.ping, required=True),
@@ -117,14 +143,17 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
             Dependency("redis", redis.ping, required=False),
         ],
         # Called by Envoy itself, at the rate of the gateway's failures: no span, no validation.
-        lean_services=[ALS_SERVICE_NAME],
+        # The stats pushes too: every replica's, every interval, each outside any trace.
+        lean_services=[ALS_SERVICE_NAME, COLLECTOR_SERVICE_NAME],
         # Envoy never ends its access log streams: end them so the drain need not wait.
         on_drain=[access_log.close_streams],
-        on_start=[retention.start],
-        # In order: the retention job stops (it uses the database); the server has drained,
+        on_start=[retention.start, own_reporter.start],
+        # In order: this replica's own stats leave the report (they use Redis), the retention
+        # job stops (it uses the database); the server has drained,
         # so hand pending security events to the store, commit what is pending, then close
         # clients.
         on_stop=[
+            own_reporter.stop,
             retention.stop,
             drain_background,
             store.close,
@@ -137,4 +166,6 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
     service.store = store
     service.system_health = health
     service.public_health = public_health
+    service.replica_reports = replica_reports
+    own_stats.follow_health(service.health)
     return service

@@ -42,8 +42,10 @@ class CachedHealth:
         deadline_seconds: float = 4.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`check` is the full report (SystemHealth.report); `deadline_seconds` bounds it
-        (its probes have their own, shorter timeouts); `clock` is monotonic (tests move it)."""
+        """`check` is the full report (SystemHealth.report: the same computation as the admin
+        report, whose status this answers); `deadline_seconds` bounds it, behind the report's
+        own hard deadline (HEALTH_REPORT_DEADLINE_SECONDS); `clock` is monotonic (tests move
+        it)."""
         self._check = check
         self.max_age_seconds = max_age_seconds
         self.deadline_seconds = deadline_seconds

@@ -5,19 +5,22 @@ can never make a whole group-commit batch fail."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, message, struct_pb2, timestamp_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2
-from services.common.errors import FieldViolation, invalid_argument
+from services.common.errors import FieldViolation, ServiceError, invalid_argument
 from services.common.identity import Identity
+from services.telemetry.edge_events import client_network
 
 # The largest `properties` object of a funnel event, serialized as compact JSON (UTF-8).
 MAX_PROPERTIES_BYTES = 4 * 1024
@@ -29,12 +32,41 @@ MAX_LANG_CHARS = 35
 MAX_FUTURE_SKEW = timedelta(hours=24)
 MAX_EVENT_AGE = timedelta(days=30)
 
+# The client's idempotency key (draft-ietf-httpapi-idempotency-key-header): the HTTP header
+# `Idempotency-Key`, which Envoy's transcoder passes on as gRPC metadata.
+IDEMPOTENCY_KEY_HEADER = "idempotency-key"
+IDEMPOTENCY_KEY_FIELD = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+# The routes keys are scoped to (with the caller): one key may serve each route once.
+FEEDBACK_ROUTE = "SubmitFeedback"
+WISHLIST_ROUTE = "JoinWishlist"
+# The draft defines the header as a Structured Field String ("..."); a bare value is accepted
+# too, as most clients send one. Inside the quotes, only \" and \\ are escapes.
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\\"])*)"')
+_SF_ESCAPE = re.compile(r"\\([\\\"])")
+
 SEVERITIES: dict[int, str] = {
     telemetry_pb2.SEVERITY_LOW: "low",
     telemetry_pb2.SEVERITY_MEDIUM: "medium",
     telemetry_pb2.SEVERITY_HIGH: "high",
     telemetry_pb2.SEVERITY_CRITICAL: "critical",
 }
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A client's idempotency key, scoped: one (route, scope, key) stands for one request,
+    whose `fingerprint` (SHA-256 of the request's canonical JSON) a retry must match."""
+
+    route: str
+    # "user:<user id>", or "guest:<client network>" (the IPv4 address, the IPv6 /64).
+    scope: str
+    key: str
+    fingerprint: bytes
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return (self.route, self.scope, self.key)
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,8 @@ class FeedbackRow:
     rating: int
     comment: str
     lang: str
+    # Not a column: the request's key, kept in idempotency_keys with this row's id.
+    idempotency: IdempotencyKey | None = None
 
     COLUMNS: ClassVar[tuple[str, ...]] = (
         "id",
@@ -129,7 +163,55 @@ class SecurityEventRow:
         return (self.id, self.event_type, self.severity, self.user_id, self.ip, self.details_json)
 
 
-def feedback_row(request: telemetry_pb2.SubmitFeedbackRequest, who: Identity) -> FeedbackRow:
+def idempotency_key(
+    metadata: Sequence[Any] | None, route: str, who: Identity, request: message.Message
+) -> IdempotencyKey | None:
+    """The request's `Idempotency-Key`, scoped to the caller and `route`, or None without one.
+
+    Raises INVALID_ARGUMENT naming `Idempotency-Key` unless it is sent once and is 1 to 255
+    printable ASCII characters (bare, or as a quoted Structured Field String)."""
+    values = [v for k, v in metadata or () if k == IDEMPOTENCY_KEY_HEADER]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _bad_key("must be sent once")
+    value = values[0]
+    if not isinstance(value, str):
+        raise _bad_key(f"must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters")
+    key = value
+    if value.startswith('"'):
+        quoted = _SF_STRING.fullmatch(value)
+        if quoted is None:
+            raise _bad_key(
+                'must be a bare value or a quoted string ("...", escaping only " and \\)'
+            )
+        key = _SF_ESCAPE.sub(r"\1", quoted.group(1))
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " <= c <= "~" for c in key):
+        raise _bad_key(f"must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters")
+    if who.user_id:
+        scope = f"user:{who.user_id}"
+    else:
+        scope = f"guest:{client_network(who.client_ip) or who.client_ip}"
+    return IdempotencyKey(route=route, scope=scope, key=key, fingerprint=fingerprint(request))
+
+
+def fingerprint(request: message.Message) -> bytes:
+    """SHA-256 of the request as canonical JSON (fields by proto name, sorted, defaults left
+    out): the same payload, however it was spelled, has the same fingerprint."""
+    as_dict = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    canonical = json.dumps(as_dict, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def _bad_key(description: str) -> ServiceError:
+    return invalid_argument(FieldViolation(IDEMPOTENCY_KEY_FIELD, description))
+
+
+def feedback_row(
+    request: telemetry_pb2.SubmitFeedbackRequest,
+    who: Identity,
+    idempotency: IdempotencyKey | None = None,
+) -> FeedbackRow:
     violations = [
         *_text_violations("comment", request.comment),
         *_text_violations("generation_id", request.generation_id),
@@ -145,6 +227,7 @@ def feedback_row(request: telemetry_pb2.SubmitFeedbackRequest, who: Identity) ->
         rating=request.rating,
         comment=request.comment,
         lang=request.lang,
+        idempotency=idempotency,
     )
 
 

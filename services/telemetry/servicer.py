@@ -27,16 +27,20 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     async def SubmitFeedback(
         self, request: telemetry_pb2.SubmitFeedbackRequest, context: Context
     ) -> telemetry_pb2.SubmitFeedbackResponse:
-        who = identity_from_metadata(context.invocation_metadata(), context.peer())
-        feedback_id = await self.store.submit_feedback(records.feedback_row(request, who))
+        metadata = context.invocation_metadata()
+        who = identity_from_metadata(metadata, context.peer())
+        key = records.idempotency_key(metadata, records.FEEDBACK_ROUTE, who, request)
+        feedback_id = await self.store.submit_feedback(records.feedback_row(request, who, key))
         return telemetry_pb2.SubmitFeedbackResponse(feedback_id=str(feedback_id))
 
     async def JoinWishlist(
         self, request: telemetry_pb2.JoinWishlistRequest, context: Context
     ) -> telemetry_pb2.JoinWishlistResponse:
-        who = identity_from_metadata(context.invocation_metadata(), context.peer())
+        metadata = context.invocation_metadata()
+        who = identity_from_metadata(metadata, context.peer())
+        key = records.idempotency_key(metadata, records.WISHLIST_ROUTE, who, request)
         lang = records.wishlist_lang(request)
-        created = await self.store.join_wishlist(request.email, lang, who.user_id or None)
+        created = await self.store.join_wishlist(request.email, lang, who.user_id or None, key)
         return telemetry_pb2.JoinWishlistResponse(created=created)
 
     async def TrackEvents(
@@ -84,32 +88,48 @@ def public_health_response(health: PublicHealth) -> telemetry_pb2.GetHealthRespo
 
 
 def health_report(report: HealthReport) -> telemetry_pb2.HealthReport:
+    """The operators' report: the status and why, the dependencies, every replica's report,
+    and the figures merged across replicas."""
     stats = report.stats
     response = telemetry_pb2.HealthReport(
         status=report.status.value,
         checked_at=_timestamp(report.checked_at),
         response_time_ms=report.response_time_ms,
+        reasons=report.reasons,
         dependencies=[
             telemetry_pb2.DependencyHealth(
                 name=d.name, status=d.status.value, latency_ms=d.latency_ms, detail=d.detail
             )
             for d in report.dependencies
         ],
-        error_rates=[
-            telemetry_pb2.ErrorRate(
+        operations=[
+            telemetry_pb2.OperationStats(
+                service=op.service,
                 operation=op.name,
+                window_seconds=op.window_seconds,
                 count=op.count,
                 errors=op.errors,
-                error_rate=op.error_rate,
-                avg_ms=op.avg_ms,
                 slow=op.slow,
+                error_rate=op.error_rate,
+                requests_per_second=op.requests_per_second,
+                avg_ms=op.avg_ms,
+                p95_ms=op.p95_ms,
+                max_ms=op.max_ms,
+                replicas=op.replicas,
             )
             for op in stats.operations
         ],
+        replicas=stats.replicas,
     )
     for b in stats.breakers:
         breaker = response.circuit_breakers.add(
-            name=b.name, state=b.state, failures=b.failures, successes=b.successes
+            service=b.service,
+            name=b.name,
+            state=b.state_name,
+            failures=b.failures,
+            successes=b.successes,
+            replicas=b.replicas,
+            tripped_replicas=b.tripped_replicas,
         )
         if b.last_failure_time is not None:
             breaker.last_failure_time.CopyFrom(_timestamp(b.last_failure_time))

@@ -32,13 +32,19 @@ class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
         default=10_000, alias="TELEMETRY_BATCH_MAX_PENDING_ROWS", ge=1
     )
 
-    # The generation and quota services (gRPC host:port), probed with grpc.health.v1.
+    # The generation and quota services (gRPC host:port): the health report asks them for
+    # grpc.health.v1 Check and StatsService.GetStats.
     generation_addr: str = Field(default="127.0.0.1:50051", alias="GENERATION_ADDR")
     quota_addr: str = Field(default="127.0.0.1:50052", alias="QUOTA_ADDR")
-    # Timeout of each probe of a health check (they run concurrently); below Envoy's 5 s
-    # route timeout so /api/health and /api/admin/health always answer.
+    # Timeout of each call of a health check (they run concurrently), capped by the deadline.
     health_check_timeout_seconds: float = Field(
-        default=2.0, alias="HEALTH_CHECK_TIMEOUT_SECONDS", gt=0, lt=5
+        default=1.5, alias="HEALTH_CHECK_TIMEOUT_SECONDS", gt=0, lt=5
+    )
+    # The hard bound of a whole health check: whatever has not answered by then is reported
+    # as timed out. Below Envoy's 5 s route timeout so /api/health and /api/admin/health
+    # always answer; the default answers within 2 s whatever hangs.
+    health_report_deadline_seconds: float = Field(
+        default=1.8, alias="HEALTH_REPORT_DEADLINE_SECONDS", gt=0, lt=4.5
     )
     # A dependency answering slower than this is reported degraded (the spec's alert line).
     health_degraded_latency_ms: float = Field(
@@ -49,8 +55,8 @@ class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
     # endpoint cannot multiply probes of the stores. The answer is at most about this old.
     # 0 checks on every call that does not find a check already running.
     health_cache_seconds: float = Field(default=1.0, alias="HEALTH_CACHE_SECONDS", ge=0, le=60)
-    # The name of the generation service's upstream (OpenAI) circuit breaker in its published
-    # stats snapshot; the `openai` dependency of the health report follows that breaker.
+    # The name of the generation service's upstream (OpenAI) circuit breaker in its replicas'
+    # stats; the `openai` dependency of the health report follows that breaker.
     health_openai_breaker_name: str = Field(
         default="openai", alias="HEALTH_OPENAI_BREAKER_NAME", min_length=1
     )

@@ -1,87 +1,88 @@
-"""The generation replicas' published stats, read and aggregated for the health report.
+"""What the replicas report about themselves (`genmesh.stats.v1.ReplicaStats`, pushed to
+telemetry or pulled from a service's GetStats), merged for the operators' health report.
 
-Every generation replica publishes a JSON snapshot to Redis under
-`<REDIS_KEY_PREFIX>stats:generation:<replica-id>` with a TTL of a few publish intervals, so a
-replica that stops publishing drops out by itself:
+- `merge_replicas`: one report per (service, replica), the fresher (`reported_at`) winning.
+- `merge_operations`: each operation of each service per window (60 s, 300 s), across that
+  service's replicas: counts, errors and slow calls summed, the average weighted by the counts,
+  the max the highest, and the p95 the highest any replica reports. That p95 is conservative:
+  no replica has more than 5% of its calls above its own p95, so no more than 5% of all the
+  calls lie above the highest of them; the merged calls' true p95 is at most that figure.
+- `merge_breakers`: each breaker of each service, the worst state any replica reports.
+- `merge_caches`: the response caches (generation's), hits and misses summed.
 
-    {"replica": str, "published_at": float,
-     "circuit_breakers": [{"name", "state": "closed"|"open"|"half_open",
-                           "failures", "successes", "last_failure_time": float|null}],
-     "cache": {"hits", "misses", "entries", "backend": "redis"|"memory"},
-     "operations": [{"name", "count", "errors", "total_ms", "max_ms", "slow"}]}
-
-`StatsSource` is where snapshots come from (Redis here; plain dicts in tests), and `aggregate`
-merges them: counters are summed, operations merged by name, and each breaker takes the worst
-state any replica reports.
+Telemetry reads nothing another service writes to Redis: replicas push their reports to it
+(services/telemetry/stats_collector.py) and it pulls them over gRPC.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from genmesh.stats.v1 import stats_pb2
 
-from services.common.perf import OperationTotals
-from services.common.redis import RedisUnavailable, ResilientRedis
-
-log = logging.getLogger(__name__)
-
-STATS_KEY_PARTS = ("stats", "generation")
-# Keys fetched per MGET while reading snapshots.
-_MGET_CHUNK = 100
-# Worst last: a breaker's aggregate state is the worst any replica reports.
-_STATE_RANK = {"closed": 0, "half_open": 1, "open": 2}
-
-
-class _Published(BaseModel):
-    # Unknown fields are ignored so the publisher can add some without breaking us.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+BREAKER_STATE_NAMES: dict[int, str] = {
+    stats_pb2.BREAKER_STATE_CLOSED: "closed",
+    stats_pb2.BREAKER_STATE_HALF_OPEN: "half_open",
+    stats_pb2.BREAKER_STATE_OPEN: "open",
+}
+# The worst state wins; a replica reporting no state says nothing about it (ranked lowest).
+_STATE_RANK: dict[int, int] = {
+    stats_pb2.BREAKER_STATE_UNSPECIFIED: -1,
+    stats_pb2.BREAKER_STATE_CLOSED: 0,
+    stats_pb2.BREAKER_STATE_HALF_OPEN: 1,
+    stats_pb2.BREAKER_STATE_OPEN: 2,
+}
+TRIPPED_STATES = frozenset({stats_pb2.BREAKER_STATE_OPEN, stats_pb2.BREAKER_STATE_HALF_OPEN})
 
 
-class PublishedBreaker(_Published):
+def breaker_state_name(state: int) -> str:
+    return BREAKER_STATE_NAMES.get(state, "unknown")
+
+
+def reported_at(stats: stats_pb2.ReplicaStats) -> float:
+    """When the replica read its figures, in Unix seconds (0 when it did not say)."""
+    return stats.reported_at.seconds + stats.reported_at.nanos / 1e9
+
+
+@dataclass(frozen=True)
+class OperationFigures:
+    """One operation of one service over the last `window_seconds`, across its replicas."""
+
+    service: str
     name: str
-    state: Literal["closed", "open", "half_open"]
-    failures: int = Field(default=0, ge=0)
-    successes: int = Field(default=0, ge=0)
-    last_failure_time: float | None = None
+    window_seconds: int
+    count: int
+    errors: int
+    slow: int
+    avg_ms: float
+    p95_ms: float
+    max_ms: float
+    replicas: int
 
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.count if self.count else 0.0
 
-class PublishedCache(_Published):
-    hits: int = Field(default=0, ge=0)
-    misses: int = Field(default=0, ge=0)
-    entries: int = Field(default=0, ge=0)
-    backend: Literal["redis", "memory"] = "memory"
-
-
-class PublishedOperation(_Published):
-    name: str
-    count: int = Field(default=0, ge=0)
-    errors: int = Field(default=0, ge=0)
-    total_ms: float = Field(default=0.0, ge=0)
-    max_ms: float = Field(default=0.0, ge=0)
-    slow: int = Field(default=0, ge=0)
-
-
-class PublishedSnapshot(_Published):
-    replica: str
-    published_at: float
-    circuit_breakers: list[PublishedBreaker] = []
-    cache: PublishedCache | None = None
-    operations: list[PublishedOperation] = []
+    @property
+    def requests_per_second(self) -> float:
+        return self.count / self.window_seconds if self.window_seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class BreakerSummary:
+    service: str
     name: str
-    state: str
+    state: stats_pb2.BreakerState.ValueType  # the worst any replica reports
     failures: int
     successes: int
     last_failure_time: float | None
+    replicas: int
+    tripped_replicas: int
+
+    @property
+    def state_name(self) -> str:
+        return breaker_state_name(self.state)
 
 
 @dataclass(frozen=True)
@@ -98,125 +99,120 @@ class CacheSummary:
 
 @dataclass(frozen=True)
 class AggregatedStats:
-    replicas: list[str] = field(default_factory=list)
+    replicas: list[stats_pb2.ReplicaStats] = field(default_factory=list)
     breakers: list[BreakerSummary] = field(default_factory=list)
     cache: CacheSummary | None = None
-    operations: list[OperationTotals] = field(default_factory=list)
+    operations: list[OperationFigures] = field(default_factory=list)
 
-    def breaker(self, name: str) -> BreakerSummary | None:
-        return next((b for b in self.breakers if b.name == name), None)
+    def breaker(self, service: str, name: str) -> BreakerSummary | None:
+        return next((b for b in self.breakers if (b.service, b.name) == (service, name)), None)
 
-
-class StatsSource(Protocol):
-    async def snapshots(self) -> list[Mapping[str, Any]]:
-        """The snapshots currently published; empty when none are or they cannot be read."""
-        ...
+    def of(self, service: str) -> list[stats_pb2.ReplicaStats]:
+        return [r for r in self.replicas if r.service == service]
 
 
-class StaticStatsSource:
-    """Fixed snapshots, for tests and tools."""
-
-    def __init__(self, snapshots: Sequence[Mapping[str, Any]] = ()) -> None:
-        self._snapshots = list(snapshots)
-
-    async def snapshots(self) -> list[Mapping[str, Any]]:
-        return list(self._snapshots)
-
-
-class RedisStatsSource:
-    """Reads every replica's snapshot with SCAN + MGET. Redis down means no snapshots (the
-    health report then says so); it never raises."""
-
-    def __init__(self, redis: ResilientRedis) -> None:
-        self.redis = redis
-        # SCAN patterns are globs: the prefix is matched literally.
-        self.pattern = _glob_escape(redis.key(*STATS_KEY_PARTS, "")) + "*"
-
-    async def snapshots(self) -> list[Mapping[str, Any]]:
-        try:
-            raw = await self.redis.run("stats.read", self._read)
-        except RedisUnavailable:
-            return []
-        found: list[Mapping[str, Any]] = []
-        for value in raw:
-            if value is None:  # expired between SCAN and MGET
-                continue
-            try:
-                parsed = json.loads(value)
-            except (ValueError, UnicodeDecodeError):
-                log.warning("ignoring a stats snapshot that is not JSON")
-                continue
-            if isinstance(parsed, dict):
-                found.append(parsed)
-        return found
-
-    async def _read(self, client: Any) -> list[bytes | None]:
-        keys = [key async for key in client.scan_iter(match=self.pattern, count=500)]
-        values: list[bytes | None] = []
-        for start in range(0, len(keys), _MGET_CHUNK):
-            values.extend(await client.mget(keys[start : start + _MGET_CHUNK]))
-        return values
+def merge_replicas(*sources: Iterable[stats_pb2.ReplicaStats]) -> list[stats_pb2.ReplicaStats]:
+    """One report per (service, replica) from every source, the fresher winning (on a tie,
+    the earlier source), sorted by service then replica."""
+    freshest: dict[tuple[str, str], stats_pb2.ReplicaStats] = {}
+    for source in sources:
+        for stats in source:
+            key = (stats.service, stats.replica)
+            seen = freshest.get(key)
+            if seen is None or reported_at(stats) > reported_at(seen):
+                freshest[key] = stats
+    return [freshest[key] for key in sorted(freshest)]
 
 
-def aggregate(
-    snapshots: Iterable[Mapping[str, Any]], local_operations: Iterable[OperationTotals] = ()
-) -> AggregatedStats:
-    """Merge published snapshots (malformed ones are skipped) and this process's own
-    operation totals into one view."""
-    parsed: list[PublishedSnapshot] = []
-    for raw in snapshots:
-        try:
-            parsed.append(PublishedSnapshot.model_validate(raw))
-        except ValidationError as err:
-            log.warning("ignoring a malformed stats snapshot: %s", err.errors()[:3])
+def merge_operations(replicas: Iterable[stats_pb2.ReplicaStats]) -> list[OperationFigures]:
+    """Each (service, operation, window) across the replicas reporting it (see the module's
+    note on the p95), sorted by service, operation, then window."""
+    merged: dict[tuple[str, str, int], _OperationSum] = {}
+    for stats in replicas:
+        for op in stats.operations:
+            key = (stats.service, op.name, op.window_seconds)
+            merged.setdefault(key, _OperationSum()).add(op)
+    return [merged[key].figures(*key) for key in sorted(merged)]
 
-    breakers: dict[str, BreakerSummary] = {}
-    for snapshot in parsed:
-        for b in snapshot.circuit_breakers:
-            seen = breakers.get(b.name)
+
+@dataclass
+class _OperationSum:
+    count: int = 0
+    errors: int = 0
+    slow: int = 0
+    total_ms: float = 0.0
+    p95_ms: float = 0.0
+    max_ms: float = 0.0
+    replicas: int = 0
+
+    def add(self, op: stats_pb2.OperationWindow) -> None:
+        if op.count <= 0:
+            return  # nothing in this replica's window: it changes no figure
+        self.count += op.count
+        self.errors += op.errors
+        self.slow += op.slow
+        self.total_ms += op.avg_ms * op.count
+        self.p95_ms = max(self.p95_ms, op.p95_ms)
+        self.max_ms = max(self.max_ms, op.max_ms)
+        self.replicas += 1
+
+    def figures(self, service: str, name: str, window_seconds: int) -> OperationFigures:
+        return OperationFigures(
+            service=service,
+            name=name,
+            window_seconds=window_seconds,
+            count=self.count,
+            errors=self.errors,
+            slow=self.slow,
+            avg_ms=self.total_ms / self.count if self.count else 0.0,
+            p95_ms=self.p95_ms,
+            max_ms=self.max_ms,
+            replicas=self.replicas,
+        )
+
+
+def merge_breakers(replicas: Iterable[stats_pb2.ReplicaStats]) -> list[BreakerSummary]:
+    """Each (service, breaker name): the worst state, counters summed, the latest failure;
+    sorted by service then name."""
+    merged: dict[tuple[str, str], BreakerSummary] = {}
+    for stats in replicas:
+        for b in stats.breakers:
+            key = (stats.service, b.name)
+            failed = (
+                b.last_failure_time.seconds + b.last_failure_time.nanos / 1e9
+                if b.HasField("last_failure_time")
+                else None
+            )
+            tripped = 1 if b.state in TRIPPED_STATES else 0
+            seen = merged.get(key)
             if seen is None:
-                breakers[b.name] = BreakerSummary(
-                    b.name, b.state, b.failures, b.successes, b.last_failure_time
+                merged[key] = BreakerSummary(
+                    stats.service, b.name, b.state, b.failures, b.successes, failed, 1, tripped
                 )
                 continue
-            times = [t for t in (seen.last_failure_time, b.last_failure_time) if t is not None]
-            breakers[b.name] = BreakerSummary(
+            times = [t for t in (seen.last_failure_time, failed) if t is not None]
+            merged[key] = BreakerSummary(
+                service=stats.service,
                 name=b.name,
-                state=max(seen.state, b.state, key=_STATE_RANK.__getitem__),
+                state=max(seen.state, b.state, key=lambda s: _STATE_RANK.get(s, -1)),
                 failures=seen.failures + b.failures,
                 successes=seen.successes + b.successes,
                 last_failure_time=max(times) if times else None,
+                replicas=seen.replicas + 1,
+                tripped_replicas=seen.tripped_replicas + tripped,
             )
-
-    operations: dict[str, OperationTotals] = {}
-    published_ops = (
-        OperationTotals(o.name, o.count, o.errors, o.total_ms, o.max_ms, o.slow)
-        for s in parsed
-        for o in s.operations
-    )
-    for op in (*published_ops, *local_operations):
-        totals = operations.setdefault(op.name, OperationTotals(op.name))
-        totals.count += op.count
-        totals.errors += op.errors
-        totals.total_ms += op.total_ms
-        totals.max_ms = max(totals.max_ms, op.max_ms)
-        totals.slow += op.slow
-
-    return AggregatedStats(
-        replicas=sorted(s.replica for s in parsed),
-        breakers=sorted(breakers.values(), key=lambda b: b.name),
-        cache=_merge_caches([s.cache for s in parsed if s.cache is not None]),
-        operations=sorted(operations.values(), key=lambda o: o.name),
-    )
+    return [merged[key] for key in sorted(merged)]
 
 
-def _merge_caches(caches: Sequence[PublishedCache]) -> CacheSummary | None:
+def merge_caches(replicas: Iterable[stats_pb2.ReplicaStats]) -> CacheSummary | None:
+    """The replicas' response caches as one; None when no replica reports a cache."""
+    caches: Sequence[stats_pb2.CacheStats] = [r.cache for r in replicas if r.HasField("cache")]
     if not caches:
         return None
     # Hits and misses are per-replica counters: summed. Entries is a gauge: replicas on the
     # shared Redis cache all see the same entries (counted once), in-memory caches add up.
     shared_entries = max((c.entries for c in caches if c.backend == "redis"), default=0)
-    local_entries = sum(c.entries for c in caches if c.backend == "memory")
+    local_entries = sum(c.entries for c in caches if c.backend != "redis")
     return CacheSummary(
         hits=sum(c.hits for c in caches),
         misses=sum(c.misses for c in caches),
@@ -224,5 +220,12 @@ def _merge_caches(caches: Sequence[PublishedCache]) -> CacheSummary | None:
     )
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+def aggregate(*sources: Iterable[stats_pb2.ReplicaStats]) -> AggregatedStats:
+    """Every source's reports merged into one view (see the functions above)."""
+    replicas = merge_replicas(*sources)
+    return AggregatedStats(
+        replicas=replicas,
+        breakers=merge_breakers(replicas),
+        cache=merge_caches(replicas),
+        operations=merge_operations(replicas),
+    )

@@ -1,7 +1,8 @@
 """Redis stops under a running mesh (a private Redis this test starts, never the machine's):
 every request is still answered, without hanging, with rate limits and guest quotas counted
-per replica in memory, and health says degraded; when Redis is back the services return to
-it by themselves and the counts are in Redis again."""
+per replica in memory, and health says degraded (the replicas report their Redis fallback
+engaged); when Redis is back the services return to it by themselves, the counts are in Redis
+again and health says healthy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -94,15 +96,36 @@ def health_status(http: httpx.Client) -> str:
     return status
 
 
-def redis_health(http: httpx.Client) -> str:
+def health_report(http: httpx.Client) -> dict[str, Any]:
     # The full report is the operators' (30 admin calls a minute per client network): each
     # poll comes from a network of its own.
     headers = {"x-admin-token": ADMIN_TOKEN, "x-forwarded-for": fresh_ip()}
     report = http.get("/api/admin/health", headers=headers)
     assert report.status_code == 200, report.text
-    dependencies = report.json()["dependencies"]
+    body: dict[str, Any] = report.json()
+    return body
+
+
+def redis_health(http: httpx.Client) -> str:
+    dependencies = health_report(http)["dependencies"]
     status: str = next(d["status"] for d in dependencies if d["name"] == "redis")
     return status
+
+
+def redis_fallbacks_engaged(http: httpx.Client) -> set[str]:
+    """The services with a replica reporting its Redis fallback engaged."""
+    return {
+        replica["service"]
+        for replica in health_report(http)["replicas"]
+        if any(f["name"] == "redis" and f["engaged"] for f in replica["fallbacks"])
+    }
+
+
+def redis_findings(report: dict[str, Any]) -> bool:
+    return report["status"] == "degraded" and any(
+        "redis fallback engaged" in reason or "circuit breaker redis" in reason
+        for reason in report["reasons"]
+    )
 
 
 def wait_for(check: object, timeout: float = 15) -> bool:
@@ -138,6 +161,9 @@ def test_requests_are_answered_through_a_redis_outage_and_return_to_redis(
         assert generated.status_code == 200, generated.text
         assert wait_for(lambda: health_status(http) == "degraded")
         assert redis_health(http) == "unhealthy"
+        # The replicas say why: a Redis fallback engaged, a Redis breaker open or half-open.
+        assert wait_for(lambda: bool(redis_fallbacks_engaged(http)))
+        assert wait_for(lambda: redis_findings(health_report(http)))
 
         outage.start_redis()
         after = fresh_ip()
@@ -148,3 +174,6 @@ def test_requests_are_answered_through_a_redis_outage_and_return_to_redis(
 
         assert wait_for(counted_in_redis, timeout=COOLDOWN_SECONDS + 15)
         assert wait_for(lambda: redis_health(http) == "healthy", timeout=20)
+        assert wait_for(lambda: health_status(http) == "healthy", timeout=30), health_report(http)[
+            "reasons"
+        ]

@@ -317,8 +317,33 @@ def test_the_health_report_reports_every_dependency_to_operators(http: httpx.Cli
     body = r.json()
     assert body["status"] in {"healthy", "degraded"}
     names = {d["name"]: d for d in body["dependencies"]}
-    assert {"database", "redis", "generation", "quota"} <= set(names)
+    assert {"database", "redis", "generation", "quota", "openai"} <= set(names)
     assert names["database"]["status"] == "healthy"
+    # Every replica of every service (pushed to telemetry, pulled from GetStats, its own).
+    replicas = body["replicas"]
+    assert {x["service"] for x in replicas} == {"generation", "quota", "telemetry"}
+    generation = next(x for x in replicas if x["service"] == "generation")
+    assert generation["serving"] is True
+    assert generation["reported_at"] and generation["replica"]
+    assert "openai" in {b["name"] for b in generation["breakers"]}
+    assert {"redis"} <= {f["name"] for f in generation["fallbacks"]}
+    # Each operation over the last 1 and 5 minutes, merged per service across its replicas.
+    assert {o["window_seconds"] for o in body["operations"]} == {60, 300}
+    assert {
+        "service",
+        "operation",
+        "count",
+        "errors",
+        "error_rate",
+        "requests_per_second",
+        "avg_ms",
+        "p95_ms",
+        "max_ms",
+    } <= set(body["operations"][0])
+    breakers = {(b["service"], b["name"]) for b in body["circuit_breakers"]}
+    assert ("generation", "openai") in breakers
+    # Why it is not healthy, if it is not.
+    assert (body["reasons"] == []) == (body["status"] == "healthy"), body["reasons"]
 
 
 def test_health_rejects_unknown_query_parameters(http: httpx.Client) -> None:

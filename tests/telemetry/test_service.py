@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,7 +19,6 @@ import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from redis.asyncio import Redis
 
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.db import Database
@@ -386,11 +384,13 @@ async def test_a_rejected_request_stores_none_of_its_events(
     )
 
 
-async def test_a_failed_batch_fails_all_its_requests_and_writes_nothing(
+async def test_a_refused_request_fails_alone_and_the_rest_of_its_batch_commits(
     database_url: str, db: asyncpg.Connection
 ) -> None:
-    # Rows that skipped validation (the schema caps lang at 35) poison their batch: the whole
-    # transaction rolls back, so the valid request sharing it is not half-written either.
+    # A row that skipped validation (the schema caps lang at 35) is refused by PostgreSQL: the
+    # batch is split, the request holding it fails with INVALID_ARGUMENT (nothing of it is
+    # written), and the valid request sharing its batch commits. (More in
+    # test_store_failures.py and test_group_commit_failures.py.)
     database = Database(PostgresSettings(DATABASE_URL=database_url), PerformanceMonitor())
     store = TelemetryStore(database, BatchLimits(max_wait_seconds=0.05))
     now = datetime.now(UTC)
@@ -404,15 +404,19 @@ async def test_a_failed_batch_fails_all_its_requests_and_writes_nothing(
             store.track_events([good]), store.track_events([bad]), return_exceptions=True
         )
         assert store.events.stats.shared_batches == 1
-        assert all(isinstance(r, asyncpg.CheckViolationError) for r in results)
-        stored = await db.fetchval(
-            "SELECT count(*) FROM funnel_events WHERE event_id = ANY($1::uuid[])",
+        accepted, refused = results
+        assert isinstance(refused, ServiceError)
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in refused.violations] == ["events"]
+        assert (getattr(accepted, "accepted", None), getattr(accepted, "duplicates", None)) == (
+            1,
+            0,
+        )
+        stored = await db.fetch(
+            "SELECT event_id FROM funnel_events WHERE event_id = ANY($1::uuid[])",
             [good.event_id, bad.event_id],
         )
-        assert stored == 0
-        # The next batch is unaffected.
-        counts = await store.track_events([good])
-        assert (counts.accepted, counts.duplicates) == (1, 0)
+        assert [r["event_id"] for r in stored] == [good.event_id]
     finally:
         await store.close()
         await database.close()
@@ -449,95 +453,6 @@ async def test_database_down_means_unavailable_with_retry_info_and_unhealthy(
 
 
 # -- health --------------------------------------------------------------------------------
-
-
-async def publish(
-    settings: TelemetrySettings, redis_url: str, replica: str, snapshot: dict[str, Any]
-) -> None:
-    client = Redis.from_url(redis_url)
-    try:
-        key = f"{settings.redis_key_prefix}stats:generation:{replica}"
-        await client.set(key, json.dumps({"replica": replica, **snapshot}), ex=60)
-    finally:
-        await client.aclose()
-
-
-def generation_snapshot(state: str, hits: int, misses: int) -> dict[str, Any]:
-    return {
-        "published_at": time.time(),
-        "circuit_breakers": [
-            {
-                "name": "openai",
-                "state": state,
-                "failures": 2,
-                "successes": 40,
-                "last_failure_time": 1_700_000_000.25,
-            }
-        ],
-        "cache": {"hits": hits, "misses": misses, "entries": 12, "backend": "redis"},
-        "operations": [
-            {
-                "name": "openai.chat.completions",
-                "count": 20,
-                "errors": 2,
-                "total_ms": 4000.0,
-                "max_ms": 900.0,
-                "slow": 1,
-            }
-        ],
-    }
-
-
-async def test_health_aggregates_the_published_stats(
-    telemetry: Running, redis_url: str, dependencies: tuple[HealthServer, HealthServer]
-) -> None:
-    await telemetry.stub.SubmitFeedback(telemetry_pb2.SubmitFeedbackRequest(rating=5))
-    await publish(telemetry.settings, redis_url, "gen-a", generation_snapshot("closed", 6, 2))
-    await publish(telemetry.settings, redis_url, "gen-b", generation_snapshot("closed", 2, 0))
-
-    health = await telemetry.report()
-    deps = {d.name: d for d in health.dependencies}
-    assert set(deps) == {"database", "redis", "generation", "quota", "openai"}
-    assert all(d.status == "healthy" for d in deps.values()), deps
-    assert health.status == "healthy"
-    assert health.checked_at.seconds > 0
-    assert health.response_time_ms > 0
-    [breaker] = health.circuit_breakers
-    assert (breaker.name, breaker.state, breaker.failures, breaker.successes) == (
-        "openai",
-        "closed",
-        4,
-        80,
-    )
-    assert breaker.last_failure_time.ToNanoseconds() == 1_700_000_000_250_000_000
-    assert (health.cache.hits, health.cache.misses, health.cache.entries) == (8, 2, 12)
-    assert health.cache.hit_rate == pytest.approx(0.8)
-    rates = {e.operation: e for e in health.error_rates}
-    chat = rates["openai.chat.completions"]
-    assert (chat.count, chat.errors, chat.slow) == (40, 4, 2)
-    assert chat.error_rate == pytest.approx(0.1)
-    assert chat.avg_ms == pytest.approx(200.0)
-    # Telemetry's own operations are there too.
-    assert rates["db.feedback.copy"].count >= 1
-
-    # One replica's breaker opens: the upstream is in trouble, the system is degraded.
-    await publish(telemetry.settings, redis_url, "gen-b", generation_snapshot("open", 2, 0))
-    health = await telemetry.report()
-    assert health.status == "degraded"
-    assert {d.name: d.status for d in health.dependencies}["openai"] == "unhealthy"
-    assert health.circuit_breakers[0].state == "open"
-
-    # Quota stops serving: nothing can be generated.
-    _, quota = dependencies
-    await quota.servicer.set(QUOTA_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    try:
-        health = await telemetry.report()
-    finally:
-        await quota.servicer.set(QUOTA_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    assert health.status == "unhealthy"
-    quota_dep = {d.name: d for d in health.dependencies}["quota"]
-    assert quota_dep.status == "unhealthy"
-    assert "NOT_SERVING" in quota_dep.detail
 
 
 async def test_health_with_unreachable_services_is_unhealthy_and_answers(
@@ -619,7 +534,9 @@ async def test_health_without_redis_is_degraded(
     assert health.status == "degraded"
     assert deps["redis"].status == "unhealthy"
     assert deps["openai"].status == "unknown"
-    assert len(health.circuit_breakers) == 0
+    # Only telemetry's own replica reports, its Redis breaker among its stats.
+    assert [(b.service, b.name) for b in health.circuit_breakers] == [("telemetry", "redis")]
+    assert any(reason.startswith("redis is failing") for reason in health.reasons)
     assert reply.feedback_id
 
 
