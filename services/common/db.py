@@ -37,6 +37,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.InterfaceError,
+    # A pooled connection left mid-protocol by a server that shut down ("cannot switch to
+    # state ..."; asyncpg issue #784): the next attempt gets a fresh connection.
+    asyncpg.InternalClientError,
 )
 
 
@@ -76,7 +79,9 @@ class Database:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(TRANSIENT_ERRORS),
                 stop=stop_after_attempt(self.settings.db_retry_attempts),
-                wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
+                # 50 ms, then 100 ms, ... plus up to 50 ms of jitter (tenacity's default jitter
+                # is a whole second, which held requests for seconds during an outage).
+                wait=wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.05),
                 reraise=False,
             ):
                 with attempt:
