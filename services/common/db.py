@@ -81,7 +81,7 @@ class Database:
                 stop=stop_after_attempt(self.settings.db_retry_attempts),
                 # 50 ms, then 100 ms, ... plus up to 50 ms of jitter (tenacity's default jitter
                 # is a whole second, which held requests for seconds during an outage).
-                wait=wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.05),
+                wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
                 reraise=False,
             ):
                 with attempt:
