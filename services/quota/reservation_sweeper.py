@@ -19,14 +19,13 @@ without bound. Ages are measured on the database clock (see ProfileStore).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
 
 from prometheus_client import Counter
 
+from services.common.periodic import PeriodicJob
 from services.quota.profile_cache import ProfileCache
 from services.quota.profile_store import ProfileStore
 from services.quota.reservations import RESERVATIONS_EXPIRED, Settlement
@@ -74,7 +73,9 @@ class ReservationSweeper:
         self.interval_seconds = interval_seconds
         self.batch_size = batch_size
         self.cache = cache
-        self._task: asyncio.Task[None] | None = None
+        self._schedule = PeriodicJob(
+            "reservation-sweeper", self._scheduled_sweep, self.interval_seconds
+        )
 
     async def sweep_once(self) -> SweepResult:
         """Expire every reservation pending for longer than the TTL, then delete the rows
@@ -118,36 +119,21 @@ class ReservationSweeper:
     @property
     def running(self) -> bool:
         """True between `start` and `stop` while the loop is alive."""
-        return self._task is not None and not self._task.done()
+        return self._schedule.running
 
     async def start(self) -> None:
         """Sweep now, then every interval, until `stop`. Does not wait for the first sweep."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="reservation-sweeper")
+        await self._schedule.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._schedule.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                result = await self.sweep_once()
-            except Exception:
-                # A database outage (or anything else) must not end sweeping for good: what
-                # is left now is found again by the next sweep.
-                log.exception(
-                    "reservation sweep failed; next attempt in %gs", self.interval_seconds
-                )
-            else:
-                if result.expired or result.pruned:
-                    log.info(
-                        "reservation sweep: %d expired, %d pruned",
-                        result.expired,
-                        result.pruned,
-                        extra={"expired": result.expired, "pruned": result.pruned},
-                    )
-            await asyncio.sleep(self.interval_seconds)
+    async def _scheduled_sweep(self) -> None:
+        result = await self.sweep_once()
+        if result.expired or result.pruned:
+            log.info(
+                "reservation sweep: %d expired, %d pruned",
+                result.expired,
+                result.pruned,
+                extra={"expired": result.expired, "pruned": result.pruned},
+            )

@@ -43,6 +43,7 @@ from pydantic import ValidationError
 
 from services.common.db import Database
 from services.common.perf import PerformanceMonitor
+from services.common.periodic import PeriodicJob
 from services.telemetry.settings import TelemetrySettings
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,12 @@ class RetentionJob:
         self.tables = tuple(tables)
         # The last run's result (None before the first run ends, or when it failed).
         self.last_result: RetentionResult | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._schedule = PeriodicJob(
+            "events-retention",
+            self._scheduled_run,
+            interval_seconds,
+            retry_seconds=RETRY_AFTER_FAILURE_SECONDS,
+        )
 
     @classmethod
     def from_settings(cls, db: Database, settings: TelemetrySettings) -> RetentionJob:
@@ -337,37 +343,22 @@ class RetentionJob:
     @property
     def running(self) -> bool:
         """True between `start` and `stop` while the loop is alive."""
-        return self._task is not None and not self._task.done()
+        return self._schedule.running
 
     async def start(self) -> None:
         """Run now, then every interval, until `stop`. Does not wait for the first run."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="events-retention")
+        await self._schedule.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._schedule.stop()
 
-    async def _run(self) -> None:
-        while True:
-            delay = self.interval_seconds
-            try:
-                result = await self.run_once()
-            except Exception:
-                # A database outage (or anything else) must not end the maintenance for good,
-                # nor the service: what is left is done by a later run.
-                self.last_result = None
-                delay = min(self.interval_seconds, RETRY_AFTER_FAILURE_SECONDS)
-                log.exception("events retention failed; next attempt in %gs", delay)
-            else:
-                # Each change was logged as it was made (so a run that fails half-way still
-                # says what it did); the summary is for debugging.
-                self.last_result = result
-                log.debug("events retention: %s", result.summary())
-            await asyncio.sleep(delay)
+    async def _scheduled_run(self) -> None:
+        self.last_result = None
+        result = await self.run_once()
+        # Each change was logged as it was made (so a run that fails half-way still says
+        # what it did); the summary is for debugging.
+        self.last_result = result
+        log.debug("events retention: %s", result.summary())
 
 
 def main() -> None:
