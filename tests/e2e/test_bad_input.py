@@ -4,9 +4,7 @@ as plain data."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -20,6 +18,7 @@ from services.common.errors import MAX_FIELD_VIOLATIONS
 from tests.e2e.conftest import RunningMesh
 from tests.e2e.helpers import detail_of, reason, violated_fields
 from tests.images import BOMBS, real_image
+from tests.raw_http import post_in_two_parts
 
 pytestmark = pytest.mark.e2e
 
@@ -119,49 +118,6 @@ def fuzzed_truncated_events() -> bytes:
     return whole[:cut]
 
 
-async def post_in_two_parts(
-    url: str, body: bytes, first: int, *, chunked: bool = False
-) -> tuple[int, bytes]:
-    """POST /api/events: the headers and `first` bytes of `body` at once, the rest half a second
-    later, once the rate limit filter has its decision (the quota service answers in
-    milliseconds; without an answer the filter moves on after GATEWAY_RATE_LIMIT_TIMEOUT_MS,
-    100 ms). The answer is read while sending, as a browser does. Returns the status and the
-    response body; a timeout here is the bug: no answer at all."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    framing = "transfer-encoding: chunked" if chunked else f"content-length: {len(body)}"
-    head = (
-        "POST /api/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        f"{framing}\r\n\r\n"
-    )
-
-    def frame(part: bytes) -> bytes:
-        return f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked and part else part
-
-    async def send() -> None:
-        writer.write(head.encode() + frame(body[:first]))
-        await writer.drain()
-        await asyncio.sleep(0.5)
-        writer.write(frame(body[first:]) + (b"0\r\n\r\n" if chunked else b""))
-        await writer.drain()
-
-    sending = asyncio.create_task(send())
-    try:
-        response_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=15)
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in response_head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        content = await asyncio.wait_for(reader.readexactly(length), timeout=15)
-    finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await sending
-        writer.close()
-    return int(response_head.split(b" ", 2)[1]), content
-
-
 @pytest.mark.parametrize(
     ("first", "chunked"),
     [
@@ -183,7 +139,13 @@ async def test_a_body_over_the_limit_is_refused_when_part_of_it_came_early(
     body = fuzzed_truncated_events()
     assert len(body) > 3 * EVENTS_BODY_LIMIT
     try:
-        status, content = await post_in_two_parts(mesh.url, body, first, chunked=chunked)
+        # The rest comes half a second later, once the rate limit filter has its decision
+        # (the quota service answers in milliseconds; without an answer the filter moves on
+        # after GATEWAY_RATE_LIMIT_TIMEOUT_MS, 100 ms).
+        host, port = mesh.url.removeprefix("http://").rsplit(":", 1)
+        status, _, content = await post_in_two_parts(
+            host, int(port), "/api/events", body, first, chunked=chunked, timeout=15
+        )
     except TimeoutError:
         pytest.fail("no answer: Envoy stopped reading the body and never refused it")
     assert status == 413, content[:500]

@@ -38,6 +38,7 @@ from services.gateway.render import (
 )
 from services.quota.ratelimit.rls import SERVICE_NAME as RLS_SERVICE
 from services.quota.ratelimit.rls import RlsMessages
+from tests import raw_http
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop"
@@ -465,34 +466,13 @@ async def post_chunked(port: int, path: str, body: bytes, chunk: int) -> tuple[i
 async def post_in_two_parts(
     port: int, path: str, body: bytes, first: int, *, chunked: bool = False
 ) -> tuple[int, bytes]:
-    """POST `body`: the headers and its first `first` bytes at once, the rest half a second
-    later, so that part of the body is in Envoy when the rate limit filter gets its answer
-    (the in-test service answers in milliseconds). With a Content-Length, or chunked. The
-    answer is read while sending. Returns the status and the raw response head; TimeoutError
-    means no answer at all."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    framing = "transfer-encoding: chunked" if chunked else f"content-length: {len(body)}"
-    head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
-
-    def frame(part: bytes) -> bytes:
-        return f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked and part else part
-
-    async def send() -> None:
-        writer.write(head.encode() + frame(body[:first]))
-        await writer.drain()
-        await asyncio.sleep(0.5)
-        writer.write(frame(body[first:]) + (b"0\r\n\r\n" if chunked else b""))
-        await writer.drain()
-
-    sending = asyncio.create_task(send())
-    try:
-        response_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-    finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await sending
-        writer.close()
-    return int(response_head.split(b" ", 2)[1]), response_head
+    """POST `body` in two parts half a second apart (tests/raw_http.py), so that part of it is
+    in Envoy when the rate limit filter gets its answer (the in-test service answers in
+    milliseconds). Returns the status and the raw response head."""
+    status, head, _ = await raw_http.post_in_two_parts(
+        "127.0.0.1", port, path, body, first, chunked=chunked
+    )
+    return status, head
 
 
 def assert_json_error(response: httpx.Response, status: int, code: int, reason: str) -> None:
