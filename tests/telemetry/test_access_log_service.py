@@ -295,6 +295,9 @@ async def test_stopping_ends_envoys_open_streams_instead_of_waiting_out_the_grac
     service = await create_service(settings)
     port = await service.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # Connected first: a stream still connecting when the server stops is refused
+        # instead of opened, and this test is about open streams.
+        await asyncio.wait_for(channel.channel_ready(), 5)
         call = stream_call(channel)()
         await call.write(als_message([Entry()], first=True))
         started = asyncio.get_running_loop().time()
