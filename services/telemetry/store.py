@@ -1,8 +1,8 @@
 """Where telemetry rows go: PostgreSQL, through group commit. Each call returns only after its
-rows are committed. Feedback and security events are COPYed straight into their tables; funnel
-events are COPYed into a per-transaction staging table, and those whose id is new to
-`funnel_event_ids` are inserted, so a retried event is stored once (whatever month it lands in)
-and each caller learns which of its events were new.
+rows are committed. Feedback and security events are COPYed straight into their tables; a batch
+of funnel events is one INSERT statement fed one array per column, which inserts those whose id
+is new to `funnel_event_ids`, so a retried event is stored once (whatever month it lands in) and
+each caller learns which of its events were new.
 
 Feedback and wishlist requests may carry a client idempotency key (records.IdempotencyKey). The
 key is claimed in `idempotency_keys` in the same transaction that writes the request's rows,
@@ -75,36 +75,38 @@ SECURITY_EVENT_FIELDS = ContentFields(
     {c: c for c in ("event_type", "severity", "user_id", "ip", "details")}, default="request"
 )
 
-_STAGING = "funnel_events_staging"
-_CREATE_STAGING = """
-    CREATE TEMP TABLE funnel_events_staging (
-        event_id    uuid NOT NULL,
-        user_id     text,
-        session_id  text NOT NULL,
-        event       text NOT NULL,
-        source      text NOT NULL,
-        lang        text NOT NULL,
-        properties  jsonb NOT NULL,
-        client_ip   text,
-        occurred_at timestamptz NOT NULL
-    ) ON COMMIT DROP"""
-# An event id is unique across the monthly partitions through funnel_event_ids: the ids new
-# to it (ordered by key, so concurrent batches take row locks in the same order: no deadlocks)
-# and their events are inserted by one statement, with the same created_at.
+# A batch of funnel events is written by ONE statement (atomic on its own: no transaction, no
+# staging table): the rows arrive as one array per column. An event id is unique across the
+# monthly partitions through funnel_event_ids: the ids new to it (ordered by key, so concurrent
+# batches take row locks in the same order: no deadlocks) and their events are inserted with
+# the same created_at. The answer is the count inserted and, only when some were not (they
+# were stored before), the ids that were.
 _INSERT_NEW_EVENTS = """
-    WITH new_ids AS (
+    WITH batch AS (
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::jsonb[], $8::text[], $9::timestamptz[])
+            AS b (event_id, user_id, session_id, event, source, lang, properties, client_ip,
+                  occurred_at)
+    ),
+    new_ids AS (
         INSERT INTO funnel_event_ids (event_id)
-        SELECT event_id FROM funnel_events_staging ORDER BY event_id
+        SELECT event_id FROM batch ORDER BY event_id
         ON CONFLICT (event_id) DO NOTHING
         RETURNING event_id, created_at
+    ),
+    inserted AS (
+        INSERT INTO funnel_events
+            (event_id, user_id, session_id, event, source, lang, properties, client_ip,
+             occurred_at, created_at)
+        SELECT b.event_id, b.user_id, b.session_id, b.event, b.source, b.lang, b.properties,
+               b.client_ip, b.occurred_at, n.created_at
+        FROM batch b JOIN new_ids n USING (event_id)
+        RETURNING event_id
     )
-    INSERT INTO funnel_events
-        (event_id, user_id, session_id, event, source, lang, properties, client_ip, occurred_at,
-         created_at)
-    SELECT s.event_id, s.user_id, s.session_id, s.event, s.source, s.lang, s.properties,
-           s.client_ip, s.occurred_at, n.created_at
-    FROM funnel_events_staging s JOIN new_ids n USING (event_id)
-    RETURNING event_id"""
+    SELECT count(*)::int AS inserted,
+           CASE WHEN count(*) < cardinality($1::uuid[])
+                THEN coalesce(array_agg(event_id), '{}') END AS ids
+    FROM inserted"""
 _INSERT_WISHLIST = """
     INSERT INTO pro_wishlist (user_id, email, lang) VALUES ($1, $2, $3)
     ON CONFLICT ((lower(email))) DO NOTHING
@@ -411,21 +413,23 @@ class TelemetryStore:
                     owner[row.event_id] = (i, j)
                     records.append(row.record())
 
-        async def insert(conn: asyncpg.Connection) -> set[uuid.UUID]:
-            await conn.execute(_CREATE_STAGING)
-            with _driver_refusals():
-                await conn.copy_records_to_table(
-                    _STAGING, records=records, columns=FunnelEventRow.COLUMNS
-                )
-            return {r["event_id"] for r in await conn.fetch(_INSERT_NEW_EVENTS)}
+        columns = list(zip(*records, strict=True)) if records else [()] * 9
 
-        inserted = await self.db.transaction("funnel_events.insert", insert)
+        async def insert(conn: asyncpg.Connection) -> asyncpg.Record:
+            with _driver_refusals():
+                row = await conn.fetchrow(_INSERT_NEW_EVENTS, *columns)
+            assert row is not None  # an aggregate answers one row
+            return row
+
+        result = await self.db.run("funnel_events.insert", insert)
+        # None: every event of the batch was new.
+        inserted: set[uuid.UUID] | None = None if result["ids"] is None else set(result["ids"])
         counts = []
         for i, rows in enumerate(batch):
             accepted = sum(
                 1
                 for j, row in enumerate(rows)
-                if owner[row.event_id] == (i, j) and row.event_id in inserted
+                if owner[row.event_id] == (i, j) and (inserted is None or row.event_id in inserted)
             )
             counts.append(EventCounts(accepted=accepted, duplicates=len(rows) - accepted))
         return counts

@@ -85,6 +85,33 @@ def test_oversized_or_unstorable_properties_are_refused() -> None:
     assert "NUL" in found["events[2].properties"]
 
 
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"k\x00": 1},  # in a key
+        {"k": ["ok", {"deep": "\\\x00"}]},  # nested, after a backslash
+    ],
+)
+def test_nul_anywhere_in_properties_is_refused(properties: dict[str, object]) -> None:
+    value = struct_pb2.Struct()
+    value.update(properties)
+    with pytest.raises(ServiceError) as caught:
+        records.funnel_event_rows([event(properties=value)], GUEST, NOW)
+    assert "NUL" in violations(caught)["events[0].properties"]
+
+
+def test_properties_are_stored_as_compact_json_with_text_that_only_looks_like_nul() -> None:
+    value = struct_pb2.Struct()
+    value.update({"path": "C:\\u0000", "n": 3, "list": [True, None, "é"]})
+    (row,) = records.funnel_event_rows([event(properties=value)], GUEST, NOW)
+    assert json.loads(row.properties_json) == {
+        "path": "C:\\u0000",
+        "n": 3.0,
+        "list": [True, None, "é"],
+    }
+    assert " " not in row.properties_json and "é" in row.properties_json
+
+
 def test_text_postgres_cannot_store_is_refused_before_it_reaches_a_batch() -> None:
     request = telemetry_pb2.SubmitFeedbackRequest(rating=4, comment="a\x00b", lang="en-" + "a" * 40)
     with pytest.raises(ServiceError) as caught:
