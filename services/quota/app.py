@@ -27,7 +27,6 @@ from services.quota.guest_store import (
     RedisGuestQuotaStore,
 )
 from services.quota.ledger import QuotaLedger
-from services.quota.network import ClientNetworks
 from services.quota.plans import QuotaLimits
 from services.quota.profile_cache import ProfileCache
 from services.quota.profile_store import ProfileStore
@@ -72,12 +71,8 @@ def build_ledger(
         ),
         profiles=ProfileStore(db, clock, limits, perf),
         cache=ProfileCache(redis, settings.profile_cache_ttl_seconds),
-        networks=client_networks(settings),
+        networks=settings.client_networks,
     )
-
-
-def client_networks(settings: QuotaSettings) -> ClientNetworks:
-    return ClientNetworks(settings.client_ipv4_prefix_length, settings.client_ipv6_prefix_length)
 
 
 def build_sweeper(
@@ -96,10 +91,11 @@ def build_decider(
     settings: QuotaSettings, redis: ResilientRedis, security_events: SecurityEventSink | None
 ) -> RateLimitDecider:
     """Raises ConfigError (a ValueError naming the field) for a bad rate-limit config."""
+    limiter = RedisLimiter(redis, timeout_seconds=settings.rate_limit_redis_timeout_ms / 1000)
     return RateLimitDecider(
         load_config(settings.rate_limit_config, os.environ),
-        FallbackLimiter(RedisLimiter(redis), MemoryLimiter()),
-        client_networks(settings),
+        FallbackLimiter(limiter, MemoryLimiter()),
+        settings.client_networks,
         security_events,
         admin_token=settings.genmesh_admin_token,
     )

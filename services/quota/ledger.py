@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.common.client_networks import ClientNetworks
 from services.common.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from services.common.identity import Identity
 from services.quota.clock import QuotaClock, QuotaWindow
 from services.quota.guest_store import GuestQuotaStore, guest_tag
-from services.quota.network import ClientNetworks
 from services.quota.plans import Plan, QuotaLimits, QuotaStatus, quota_exhausted, user_plan
 from services.quota.profile_cache import ProfileCache
 from services.quota.profile_store import ProfileRecord, ProfileStore

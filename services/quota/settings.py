@@ -5,13 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from services.common.client_networks import ClientNetworkSettings
 from services.common.settings import PostgresSettings, RedisSettings, ServiceSettings
 from services.quota.ratelimit.config import DEFAULT_CONFIG
 
+# What Envoy waits for a rate-limit decision by default (the gateway's
+# GATEWAY_RATE_LIMIT_TIMEOUT_MS); the decision's Redis budget must stay below it.
+GATEWAY_RATE_LIMIT_TIMEOUT_MS_DEFAULT = 100
 
-class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
+
+# Guests' quotas, per-IP rate limits and blocks count client networks of
+# CLIENT_IPV4_PREFIX_LENGTH / CLIENT_IPV6_PREFIX_LENGTH (ClientNetworkSettings, shared with
+# telemetry): one IPv6 subscriber holds a whole /64, so counting single addresses would let one
+# person be unlimited guests.
+class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings, ClientNetworkSettings):
     # Where the gRPC server listens (GRPC_PORT); 0 picks a free port (tests).
     grpc_port: int = Field(default=50052, ge=0, le=65535)
     # Prometheus metrics port (METRICS_PORT); 0 disables the endpoint.
@@ -44,20 +53,28 @@ class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
         default=86400.0, alias="QUOTA_SETTLED_RETENTION_SECONDS", ge=0
     )
 
-    # Guests' quotas and per-IP rate limits count client networks of these prefix lengths:
-    # one IPv6 subscriber holds a whole /64, so counting single addresses would let one person
-    # be unlimited guests. IPv4-mapped IPv6 addresses count as IPv4.
-    client_ipv4_prefix_length: int = Field(
-        default=32, alias="CLIENT_IPV4_PREFIX_LENGTH", ge=1, le=32
-    )
-    client_ipv6_prefix_length: int = Field(
-        default=64, alias="CLIENT_IPV6_PREFIX_LENGTH", ge=1, le=128
-    )
-
     # The rate limits Envoy's rate limit service (served here) enforces: a YAML file, by
     # default services/quota/ratelimit/limits.yaml; RATE_LIMIT_* variables override its
     # common knobs (see that file).
     rate_limit_config: Path = Field(default=DEFAULT_CONFIG, alias="RATE_LIMIT_CONFIG")
+    # The Redis budget of one rate-limit decision (its checks run concurrently, each bounded by
+    # it). Past it Redis counts as unavailable for that decision: the decision is made from
+    # this replica's memory and the failure feeds the Redis breaker, like any failed call.
+    # Envoy waits GATEWAY_RATE_LIMIT_TIMEOUT_MS (100 ms) and then lets the request pass, so this
+    # must stay below that wait, with room for the fallback and the gRPC hop; otherwise a slow
+    # but alive Redis would make every request pass unchecked.
+    rate_limit_redis_timeout_ms: int = Field(
+        default=50, alias="RATE_LIMIT_REDIS_TIMEOUT_MS", ge=1, le=10_000
+    )
+    # Envoy's wait, read only to check the budget above against it: the gateway's default
+    # unless GATEWAY_RATE_LIMIT_TIMEOUT_MS is set here too (set it to the gateway's value when
+    # the gateway waits longer and this budget should grow with it).
+    gateway_rate_limit_timeout_ms: int = Field(
+        default=GATEWAY_RATE_LIMIT_TIMEOUT_MS_DEFAULT,
+        alias="GATEWAY_RATE_LIMIT_TIMEOUT_MS",
+        ge=1,
+        le=10_000,
+    )
     # The telemetry service (gRPC host:port), told about rate-limit bursts and blocks and
     # admin actions (best effort).
     telemetry_addr: str = Field(default="127.0.0.1:50053", alias="TELEMETRY_ADDR")
@@ -73,3 +90,13 @@ class QuotaSettings(ServiceSettings, PostgresSettings, RedisSettings):
         except (ZoneInfoNotFoundError, ValueError) as err:
             raise ValueError(f"unknown IANA time zone {value!r}") from err
         return value
+
+    @model_validator(mode="after")
+    def _decision_fits_envoys_wait(self) -> QuotaSettings:
+        if self.rate_limit_redis_timeout_ms >= self.gateway_rate_limit_timeout_ms:
+            raise ValueError(
+                f"RATE_LIMIT_REDIS_TIMEOUT_MS ({self.rate_limit_redis_timeout_ms}) must be below "
+                f"GATEWAY_RATE_LIMIT_TIMEOUT_MS ({self.gateway_rate_limit_timeout_ms}), how long "
+                "Envoy waits for a rate-limit decision before letting the request pass"
+            )
+        return self

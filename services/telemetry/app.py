@@ -104,7 +104,7 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
         max_age_seconds=settings.health_cache_seconds,
         deadline_seconds=deadline + 0.5,
     )
-    servicer = TelemetryServicer(store, public_health)
+    servicer = TelemetryServicer(store, public_health, settings.client_networks)
     # Monthly partitions of the event tables: created ahead, dropped past retention.
     retention = RetentionJob.from_settings(db, settings)
     background = BackgroundTasks()
@@ -116,6 +116,7 @@ async def create_service(settings: TelemetrySettings) -> TelemetryService:
             window_seconds=settings.edge_event_window_seconds,
             threshold=settings.edge_event_threshold,
             max_tracked=settings.edge_event_max_tracked,
+            networks=settings.client_networks,
         ),
         LocalSecurityEvents(store, background),
     )

@@ -4,9 +4,11 @@ events. Envoy answers some failures itself (401 for a bad token, 400 for a malfo
 them to telemetry (services/telemetry/access_log.py), which hands each one to the aggregator
 here.
 
-Per client network and status code, failures are counted in a fixed window that starts at the
-first failure (EDGE_EVENT_WINDOW_SECONDS). The failure that brings a count to the threshold
-(EDGE_EVENT_THRESHOLD) yields ONE event for the burst; the rest of that window yields none.
+Per client network (an IPv4 address and an IPv6 /64 by default: CLIENT_IPV4_PREFIX_LENGTH /
+CLIENT_IPV6_PREFIX_LENGTH, read as the quota service reads them) and status code, failures are
+counted in a fixed window that starts at the first failure (EDGE_EVENT_WINDOW_SECONDS). The
+failure that brings a count to the threshold (EDGE_EVENT_THRESHOLD) yields ONE event for the
+burst; the rest of that window yields none.
 Once the window has passed, the next failure opens a new window, and a new burst can yield a
 new event. Memory is bounded: at most EDGE_EVENT_MAX_TRACKED (network, status) windows are kept;
 expired ones are dropped first, then the oldest.
@@ -16,12 +18,13 @@ Plain domain code: no gRPC, no I/O, the clock injected.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from services.common.client_networks import ClientNetworks
 
 # Event types of the statuses Envoy's filter is expected to send (see the gateway's access
 # log); any other status is counted under its own code as an `edge_error_burst`.
@@ -36,9 +39,8 @@ OTHER_EVENT_TYPE = "edge_error_burst"
 # Distinct paths kept per window for the event's details, and how much of each.
 MAX_SAMPLE_PATHS = 3
 MAX_PATH_CHARS = 200
-# IPv6 clients are counted per /64: a subscriber usually holds a whole /64 and can use a new
-# address for every request (the same grouping as the quota service's default).
-IPV6_PREFIX = 64
+# The networks of the default prefix lengths (IPv4 /32, IPv6 /64), for client_network().
+_DEFAULT_NETWORKS = ClientNetworks()
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,9 @@ class _Window:
 
 
 def client_network(ip: str) -> str:
-    """The network a client counts as: the IPv4 address itself (an IPv4-mapped IPv6 address
-    counts as the IPv4 address it carries), or the IPv6 address's /64 (`2001:db8:1:2::/64`).
-    Empty when `ip` is not an IP address."""
-    try:
-        address = ipaddress.ip_address(ip.strip())
-    except ValueError:
-        return ""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{address}/{IPV6_PREFIX}", strict=False))
-    return str(address)
+    """The network a client counts as with the default prefix lengths (IPv4 /32, IPv6 /64;
+    see ClientNetworks.network_of). The aggregator counts with the configured ones."""
+    return _DEFAULT_NETWORKS.network_of(ip)
 
 
 def sample_path(path: str) -> str:
@@ -93,6 +86,7 @@ class EdgeEventAggregator:
         window_seconds: float = 60.0,
         threshold: int = 20,
         max_tracked: int = 100_000,
+        networks: ClientNetworks = _DEFAULT_NETWORKS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if window_seconds <= 0:
@@ -104,6 +98,8 @@ class EdgeEventAggregator:
         self.window_seconds = window_seconds
         self.threshold = threshold
         self.max_tracked = max_tracked
+        # CLIENT_IPV4_PREFIX_LENGTH / CLIENT_IPV6_PREFIX_LENGTH, as the quota service counts.
+        self.networks = networks
         self.clock = clock
         # Ordered by window start, oldest first: a window that restarts moves to the end.
         self._windows: OrderedDict[tuple[str, int], _Window] = OrderedDict()
@@ -115,7 +111,7 @@ class EdgeEventAggregator:
     def observe(self, ip: str, status: int, path: str) -> EdgeEvent | None:
         """Count one failed request; the event when it completes a burst, else None.
         Requests without a usable client address or status are ignored."""
-        network = client_network(ip)
+        network = self.networks.network_of(ip)
         if not network or status <= 0:
             return None
         now = self.clock()

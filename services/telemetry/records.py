@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 from google.protobuf import json_format, message, struct_pb2, timestamp_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2
+from services.common.client_networks import ClientNetworks
 from services.common.errors import FieldViolation, ServiceError, invalid_argument
 from services.common.identity import Identity
-from services.telemetry.edge_events import client_network
 
 # The largest `properties` object of a funnel event, serialized as compact JSON (UTF-8).
 MAX_PROPERTIES_BYTES = 4 * 1024
@@ -37,6 +37,8 @@ MAX_EVENT_AGE = timedelta(days=30)
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 IDEMPOTENCY_KEY_FIELD = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+# A guest's key is scoped to its client network; the service passes the configured prefixes.
+DEFAULT_NETWORKS = ClientNetworks()
 # The routes keys are scoped to (with the caller): one key may serve each route once.
 FEEDBACK_ROUTE = "SubmitFeedback"
 WISHLIST_ROUTE = "JoinWishlist"
@@ -164,9 +166,14 @@ class SecurityEventRow:
 
 
 def idempotency_key(
-    metadata: Sequence[Any] | None, route: str, who: Identity, request: message.Message
+    metadata: Sequence[Any] | None,
+    route: str,
+    who: Identity,
+    request: message.Message,
+    networks: ClientNetworks = DEFAULT_NETWORKS,
 ) -> IdempotencyKey | None:
     """The request's `Idempotency-Key`, scoped to the caller and `route`, or None without one.
+    A guest's scope is its client network (`networks`), as guests are counted everywhere.
 
     Raises INVALID_ARGUMENT naming `Idempotency-Key` unless it is sent once and is 1 to 255
     printable ASCII characters (bare, or as a quoted Structured Field String)."""
@@ -191,7 +198,7 @@ def idempotency_key(
     if who.user_id:
         scope = f"user:{who.user_id}"
     else:
-        scope = f"guest:{client_network(who.client_ip) or who.client_ip}"
+        scope = f"guest:{networks.network_of(who.client_ip) or who.client_ip}"
     return IdempotencyKey(route=route, scope=scope, key=key, fingerprint=fingerprint(request))
 
 

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.admin_auth import AdminGuard
+from services.common.client_networks import ClientNetworks
 from services.common.identity import identity_from_metadata
 from services.telemetry import records
 from services.telemetry.health import HealthReport, SystemHealth
@@ -20,16 +21,22 @@ Context = Any  # grpc.aio.ServicerContext, generic in request and response
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
-    def __init__(self, store: TelemetryStore, health: CachedHealth) -> None:
+    def __init__(
+        self,
+        store: TelemetryStore,
+        health: CachedHealth,
+        networks: ClientNetworks = records.DEFAULT_NETWORKS,
+    ) -> None:
         self.store = store
         self.health = health
+        self.networks = networks
 
     async def SubmitFeedback(
         self, request: telemetry_pb2.SubmitFeedbackRequest, context: Context
     ) -> telemetry_pb2.SubmitFeedbackResponse:
         metadata = context.invocation_metadata()
         who = identity_from_metadata(metadata, context.peer())
-        key = records.idempotency_key(metadata, records.FEEDBACK_ROUTE, who, request)
+        key = records.idempotency_key(metadata, records.FEEDBACK_ROUTE, who, request, self.networks)
         feedback_id = await self.store.submit_feedback(records.feedback_row(request, who, key))
         return telemetry_pb2.SubmitFeedbackResponse(feedback_id=str(feedback_id))
 
@@ -38,7 +45,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     ) -> telemetry_pb2.JoinWishlistResponse:
         metadata = context.invocation_metadata()
         who = identity_from_metadata(metadata, context.peer())
-        key = records.idempotency_key(metadata, records.WISHLIST_ROUTE, who, request)
+        key = records.idempotency_key(metadata, records.WISHLIST_ROUTE, who, request, self.networks)
         lang = records.wishlist_lang(request)
         created = await self.store.join_wishlist(request.email, lang, who.user_id or None, key)
         return telemetry_pb2.JoinWishlistResponse(created=created)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from services.common.client_networks import ClientNetworkSettings
 from services.common.settings import PostgresSettings, RedisSettings, ServiceSettings
 
 
-class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings):
+# Edge events count client networks of CLIENT_IPV4_PREFIX_LENGTH / CLIENT_IPV6_PREFIX_LENGTH
+# (ClientNetworkSettings), the same as the quota service's quotas, rate limits and blocks.
+class TelemetrySettings(ServiceSettings, PostgresSettings, RedisSettings, ClientNetworkSettings):
     # GRPC_PORT; 0 picks a free port (tests).
     grpc_port: int = Field(default=50053, ge=0, le=65535)
     # METRICS_PORT; 0 disables the Prometheus endpoint.

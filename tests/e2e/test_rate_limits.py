@@ -39,6 +39,9 @@ LIMITS = {
     "RATE_LIMIT_WISHLIST_PER_IP": "1000/minute",
     "RATE_LIMIT_WISHLIST_PER_USER": "2/minute",
     "RATE_LIMIT_EVENTS_PER_IP": "5/second",
+    # No limit on /api/health and unknown paths: a block must refuse there all the same.
+    "RATE_LIMIT_DEFAULT_PER_IP": "off",
+    "RATE_LIMIT_DEFAULT_PER_USER": "off",
     "RATE_LIMIT_BLOCK_AFTER": str(BLOCK_AFTER),
     "RATE_LIMIT_BLOCK_STEPS": "30s,60s",
     "GUEST_DAILY_LIMIT": str(GUEST_DAILY_LIMIT),
@@ -281,6 +284,15 @@ def test_a_blocked_caller_is_refused_on_every_route(gateway: httpx.Client) -> No
         assert r.status_code == 429, (r.request.url, r.text)
         assert metadata(r)["limit"] == "block"
         assert 0 < int(r.headers["retry-after"]) <= 30
+    # The routes without a limit (the default route is `off` here): refused by the block
+    # alone, so there is no limit to describe in X-RateLimit-*.
+    for r in responses[-3:-2] + responses[-1:]:
+        assert r.request.url.path in ("/api/health", "/api/nope")
+        assert "x-ratelimit-limit" not in r.headers
+    # Unblocked, those routes count nothing and refuse nobody.
+    other = as_client(fresh_ipv4())
+    statuses = [gateway.get("/api/health", headers=other).status_code for _ in range(5)]
+    assert 429 not in statuses, statuses
 
 
 async def test_operators_list_and_lift_blocks(gateway: httpx.Client, database_url: str) -> None:

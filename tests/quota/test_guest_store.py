@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.common.client_networks import ClientNetworks
 from services.common.redis import RedisUnavailable
 from services.quota.clock import QuotaClock, QuotaWindow
 from services.quota.guest_store import (
@@ -18,7 +19,6 @@ from services.quota.guest_store import (
     MemoryGuestQuotaStore,
     guest_tag,
 )
-from services.quota.network import ClientNetworks
 from services.quota.reservations import (
     ReservationId,
     Settlement,

@@ -1,16 +1,20 @@
-"""The rate-limit configuration: the shipped limits.yaml, environment overrides, route matching
-and the errors a bad file gets."""
+"""The rate-limit configuration: the shipped limits.yaml, environment overrides, route matching,
+the errors a bad file or variable gets, and the decision's Redis budget setting."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import AliasChoices, ValidationError
+from pydantic_settings import BaseSettings
 
 from services.quota.ratelimit.config import (
     DEFAULT_CONFIG,
+    SETTING_VARIABLES,
     ConfigError,
     Limit,
     Scope,
@@ -20,6 +24,7 @@ from services.quota.ratelimit.config import (
     parse_duration_ms,
     parse_limit,
 )
+from services.quota.settings import QuotaSettings
 
 
 def shipped() -> dict[str, Any]:
@@ -127,6 +132,8 @@ def test_limits_and_durations_parse_strictly() -> None:
         (lambda raw: raw["escalation"].update(violations="many"), "violations"),
         (lambda raw: raw.update(extra=1), "extra"),
         (lambda raw: raw["default"].update(paths=["/x"]), "default"),
+        (lambda raw: raw["escalation"].update(block_after=3), "block_after"),
+        (lambda raw: raw["routes"].update(admin_failures={"per_ip": "1/minute"}), "reserved"),
     ],
 )
 def test_a_bad_file_is_refused_with_a_message_naming_what_is_wrong(change: Any, names: str) -> None:
@@ -137,8 +144,149 @@ def test_a_bad_file_is_refused_with_a_message_naming_what_is_wrong(change: Any, 
 
 
 def test_a_bad_override_is_refused_too() -> None:
-    with pytest.raises(ConfigError, match="expected"):
+    with pytest.raises(ConfigError, match=r"RATE_LIMIT_FEEDBACK_PER_USER.*expected"):
         load_config(env={"RATE_LIMIT_FEEDBACK_PER_USER": "10 per minute"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "names"),
+    [
+        (
+            "RATE_LIMIT_READS_PER_USER",
+            "garbage",
+            r"RATE_LIMIT_READS_PER_USER \(routes\.reads\.per_user\)",
+        ),
+        ("RATE_LIMIT_DEFAULT_PER_IP", "0/minute", r"RATE_LIMIT_DEFAULT_PER_IP \(default\.per_ip\)"),
+        ("RATE_LIMIT_ADMIN_FAILURES_PER_IP", "5/min", "RATE_LIMIT_ADMIN_FAILURES_PER_IP"),
+        ("RATE_LIMIT_BLOCK_AFTER", "many", r"RATE_LIMIT_BLOCK_AFTER \(escalation\.violations\)"),
+        ("RATE_LIMIT_BLOCK_AFTER", "-1", "RATE_LIMIT_BLOCK_AFTER"),
+        ("RATE_LIMIT_VIOLATION_WINDOW", "soon", "RATE_LIMIT_VIOLATION_WINDOW"),
+        ("RATE_LIMIT_BLOCK_STEPS", "1m,forever", r"RATE_LIMIT_BLOCK_STEPS .*'forever'"),
+        ("RATE_LIMIT_BLOCK_STEPS", ",", "RATE_LIMIT_BLOCK_STEPS"),
+        ("RATE_LIMIT_FORGET_AFTER", "1w", "RATE_LIMIT_FORGET_AFTER"),
+    ],
+)
+def test_a_garbage_value_is_refused_naming_the_variable(
+    variable: str, value: str, names: str
+) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load_config(env={variable: value})
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("RATE_LIMIT_GENERATES_PER_IP", "RATE_LIMIT_GENERATE_PER_IP"),
+        ("RATE_LIMIT_READ_PER_USER", "RATE_LIMIT_READS_PER_USER"),
+        ("RATE_LIMIT_BLOCKS_AFTER", "RATE_LIMIT_BLOCK_AFTER"),
+        ("RATE_LIMIT_ADMIN_FAILURES_PER_USER", "RATE_LIMIT_ADMIN_FAILURES_PER_IP"),
+        ("rate_limit_generates_per_ip", "RATE_LIMIT_GENERATE_PER_IP"),
+        ("RATE_LIMIT_UPLOADS_PER_IP", None),
+    ],
+)
+def test_an_unknown_rate_limit_variable_is_refused_naming_it(
+    variable: str, suggestion: str | None
+) -> None:
+    """A misspelt override would otherwise leave the limit it meant to change as it was."""
+    with pytest.raises(ConfigError, match="unknown rate-limit variable") as refused:
+        load_config(env={variable: "1/minute", "RATE_LIMIT_GENERATE_PER_USER": "5/minute"})
+    message = str(refused.value)
+    assert variable.upper() in message
+    if suggestion:
+        assert f"did you mean {suggestion}?" in message
+    assert "GENERATE_STREAM" in message and "RATE_LIMIT_BLOCK_AFTER" in message  # what is known
+
+
+def test_overrides_follow_the_routes_of_the_file() -> None:
+    raw = shipped()
+    raw["routes"]["uploads"] = {"paths": ["/api/uploads"], "per_ip": "1/minute"}
+    config = parse_config(raw, {"RATE_LIMIT_UPLOADS_PER_IP": "2/minute"})
+    assert config.route_for("/api/uploads").per_ip == Limit(2, Unit.MINUTE)
+    del raw["routes"]["generate"]
+    with pytest.raises(ConfigError, match="RATE_LIMIT_GENERATE_PER_IP"):
+        parse_config(raw, {"RATE_LIMIT_GENERATE_PER_IP": "2/minute"})
+
+
+def test_the_rest_of_the_environment_and_the_settings_pass() -> None:
+    config = load_config(
+        env={
+            "RATE_LIMIT_CONFIG": str(DEFAULT_CONFIG),
+            "RATE_LIMIT_REDIS_TIMEOUT_MS": "50",
+            "GATEWAY_RATE_LIMIT_TIMEOUT_MS": "100",
+            "PATH": "/usr/bin",
+            "rate_limit_generate_per_ip": "7/second",  # read without regard to case
+        }
+    )
+    assert config.route_for("/api/generate").per_ip == Limit(7, Unit.SECOND)
+    with pytest.raises(ConfigError, match="same variable"):
+        load_config(env={"RATE_LIMIT_BLOCK_AFTER": "3", "rate_limit_block_after": "4"})
+
+
+def _settings_classes() -> list[type[BaseSettings]]:
+    found: list[type[BaseSettings]] = []
+    for service in ("gateway", "generation", "quota", "telemetry"):
+        module = importlib.import_module(f"services.{service}.settings")
+        found += [
+            value
+            for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, BaseSettings)
+        ]
+    return found
+
+
+def _variables(settings: type[BaseSettings]) -> set[str]:
+    """The environment variables a settings class reads: its aliases, else its field names
+    (no settings class has an env_prefix)."""
+    names: set[str] = set()
+    for name, field in settings.model_fields.items():
+        aliases: list[str] = []
+        for alias in (field.alias, field.validation_alias):
+            if isinstance(alias, str):
+                aliases.append(alias)
+            elif isinstance(alias, AliasChoices):
+                aliases += [str(choice) for choice in alias.choices]
+        names.update(alias.upper() for alias in aliases or [name])
+    return names
+
+
+def test_every_rate_limit_setting_of_any_service_is_known_to_the_override_check() -> None:
+    """The quota service reads every RATE_LIMIT_* variable as an override and refuses those
+    it does not know: a setting so named (in any service: one environment may serve them all,
+    as devstack's does) must be on its list."""
+    named = {
+        variable
+        for settings in _settings_classes()
+        for variable in _variables(settings)
+        if variable.startswith("RATE_LIMIT_")
+    }
+    assert named == SETTING_VARIABLES
+    assert {v for v in _variables(QuotaSettings) if v.startswith("RATE_LIMIT_")} == named
+
+
+def test_the_deploy_files_set_only_known_variables() -> None:
+    root = Path(__file__).resolve().parents[2]
+    env: dict[str, str] = {}
+    for path in (root / "deploy").rglob("*.env"):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name.strip().upper().startswith("RATE_LIMIT_") and not line.startswith("#"):
+                env[name.strip()] = value.strip()
+    assert "RATE_LIMIT_REDIS_TIMEOUT_MS" in env  # documented with the other quota settings
+    load_config(env=env)
+
+
+def test_the_redis_budget_of_a_decision_is_below_envoys_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert QuotaSettings().rate_limit_redis_timeout_ms == 50
+    monkeypatch.setenv("RATE_LIMIT_REDIS_TIMEOUT_MS", "100")
+    with pytest.raises(ValidationError, match=r"RATE_LIMIT_REDIS_TIMEOUT_MS.*GATEWAY_RATE_LIMIT"):
+        QuotaSettings()
+    monkeypatch.setenv("GATEWAY_RATE_LIMIT_TIMEOUT_MS", "250")  # a gateway that waits longer
+    assert QuotaSettings().rate_limit_redis_timeout_ms == 100
+    monkeypatch.setenv("RATE_LIMIT_REDIS_TIMEOUT_MS", "0")
+    with pytest.raises(ValidationError, match="RATE_LIMIT_REDIS_TIMEOUT_MS"):
+        QuotaSettings()
 
 
 def test_a_missing_or_unparsable_file_names_the_file(tmp_path: Path) -> None:

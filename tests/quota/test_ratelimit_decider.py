@@ -1,5 +1,6 @@
 """The rate-limit decision for a request (descriptors in, verdict and refusal out) and the
-security events abuse produces, on the memory limiter (the semantics are the limiter tests')."""
+security events abuse produces, on the memory limiter (the semantics are the limiter tests';
+the decision against a Redis that hangs is in test_ratelimit_limiter.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import uuid
 
 from genmesh.telemetry.v1 import telemetry_pb2
-from services.quota.network import ClientNetworks
+from services.common.client_networks import ClientNetworks
 from services.quota.ratelimit.config import RateLimitConfig, load_config
 from services.quota.ratelimit.decider import RateLimitDecider
 from services.quota.ratelimit.limiter import Verdict
@@ -98,6 +99,48 @@ async def test_off_means_no_limit() -> None:
     for _ in range(10):
         decision = await rl.decide(guest("/api/feedback", ip))
         assert not decision.over_limit and decision.statuses[0].limit is None
+        assert decision.statuses[0].result is None  # nothing counted, nothing to report
+
+
+async def test_a_blocked_caller_is_refused_on_routes_without_a_limit() -> None:
+    """`off` turns a route's limit off, not the block: a blocked network or user gets 429
+    with the block's remaining time there too."""
+    events = RecordedEvents()
+    rl = decider(
+        events,
+        RATE_LIMIT_BLOCK_AFTER="1",
+        RATE_LIMIT_EVENTS_PER_IP="off",
+        RATE_LIMIT_EVENTS_PER_USER="off",
+        RATE_LIMIT_DEFAULT_PER_IP="off",
+    )
+    ip = fresh_ip()
+    assert not (await rl.decide(guest("/api/events", ip))).over_limit  # not blocked yet
+    for _ in range(4):  # the allowance (3), then one refusal: a block
+        await rl.decide(guest("/api/feedback", ip))
+    assert events.types() == ["rate_limit_block"]
+    for path in ("/api/events", "/api/health"):
+        refused = await rl.decide(guest(path, ip))
+        assert refused.over_limit and refused.refusal is not None, path
+        (status,) = refused.statuses
+        assert status.limit is None
+        assert status.result is not None and status.result.verdict is Verdict.BLOCKED
+        assert refused.refusal.metadata["limit"] == "block"
+        assert refused.refusal.metadata["block_level"] == "1"
+        assert 55 < (refused.refusal.retry_after_seconds or 0) <= 60
+    # A signed-in user on that network: its IP descriptor is still the blocked network's.
+    as_user = await rl.decide(user("/api/events", ip, "u-on-a-blocked-network"))
+    assert as_user.over_limit and as_user.refusal is not None
+    assert as_user.refusal.metadata["scope"] == "ip"
+
+    # A blocked user, from a network nobody blocked, on a route without a per-user limit.
+    for _ in range(3):  # the user's allowance (2), then one refusal: a block
+        await rl.decide(user("/api/feedback", fresh_ip(), "u-blocked-off"))
+    refused = await rl.decide(user("/api/events", fresh_ip(), "u-blocked-off"))
+    assert refused.refusal is not None and refused.refusal.metadata["scope"] == "user"
+    assert "user is blocked" in refused.refusal.message
+    assert len(events.events) == 2  # the two blocks; refusals during a block add no rows
+    # Nobody else is refused there.
+    assert not (await rl.decide(user("/api/events", fresh_ip(), "u-other"))).over_limit
 
 
 async def test_one_event_per_burst_and_one_per_block_not_one_per_request() -> None:
@@ -131,6 +174,37 @@ async def test_one_event_per_burst_and_one_per_block_not_one_per_request() -> No
         assert refused.refusal.metadata["limit"] == "block"
         assert 55 < (refused.refusal.retry_after_seconds or 0) <= 60
     assert len(events.events) == 2  # blocked requests add no rows
+
+
+async def test_with_blocking_off_each_burst_is_still_one_event_and_nobody_is_blocked() -> None:
+    events = RecordedEvents()
+    now = [1_000_000.0]
+    rl = RateLimitDecider(
+        config(RATE_LIMIT_BLOCK_AFTER="0", RATE_LIMIT_VIOLATION_WINDOW="1m"),
+        MemoryLimiter(clock=lambda: now[0]),
+        ClientNetworks(),
+        events,
+    )
+    ip = fresh_ip()
+    for _ in range(3):
+        await rl.decide(guest("/api/feedback", ip))
+    for _ in range(50):  # far past any block threshold: refused, never blocked
+        refused = await rl.decide(guest("/api/feedback", ip))
+        assert refused.refusal is not None
+        assert refused.refusal.metadata["limit"] == "feedback"
+        assert refused.statuses[0].result is not None
+        assert refused.statuses[0].result.verdict is Verdict.LIMITED
+    assert events.types() == ["rate_limit_exceeded"]
+    assert events.events[0].details["route"] == "feedback"
+    assert events.events[0].identity.client_ip == ip
+    assert not (await rl.decide(guest("/api/quota", ip))).over_limit
+
+    now[0] += 61  # the window has passed (and the allowance refilled): a new burst
+    for _ in range(3):
+        assert not (await rl.decide(guest("/api/feedback", ip))).over_limit
+    for _ in range(5):
+        assert (await rl.decide(guest("/api/feedback", ip))).over_limit
+    assert events.types() == ["rate_limit_exceeded", "rate_limit_exceeded"]
 
 
 async def test_a_blocked_user_is_refused_wherever_they_come_from() -> None:

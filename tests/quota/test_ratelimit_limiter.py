@@ -1,18 +1,25 @@
 """The limiter's semantics, run against both implementations (the shared Redis script and the
 per-replica memory fallback), which must agree: GCRA counts, refills and Retry-After, the
-window edge, escalation to blocks, listing and lifting blocks. Plus what only Redis does:
-exactness across replicas, and the fallback that engages and returns by itself."""
+window edge, escalation to blocks, listing, looking up and lifting blocks, bursts counted with
+blocking off. Plus what only Redis does: exactness across replicas, the fallback that engages
+and returns by itself, and a Redis that hangs costing a decision its budget, not Envoy's
+whole wait."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from devstack import infra
 from services.common.perf import PerformanceMonitor
 from services.common.redis import RedisUnavailable, ResilientRedis
+from services.quota.app import build_decider
 from services.quota.ratelimit.config import Escalation, Limit, Scope, Unit
 from services.quota.ratelimit.limiter import FallbackLimiter, Limiter, Subject, Verdict
 from services.quota.ratelimit.memory_limiter import MemoryLimiter
@@ -56,7 +63,8 @@ async def test_a_burst_of_the_limit_passes_then_the_next_waits_one_interval(
     assert 55_000 < results[2].reset_ms <= 60_000
     # Refused: one more request passes after one emission interval (60 s / 3).
     assert 15_000 < results[3].retry_after_ms <= 20_000
-    assert results[3].violations == 0  # escalation off: nothing counted
+    # Blocking is off, but the refusal is counted: the first of a burst is reported.
+    assert results[3].violations == 1 and not results[3].started_block
 
 
 async def test_retry_after_counts_down(limiter: Limiter) -> None:
@@ -136,6 +144,43 @@ async def test_repeated_refusals_escalate_to_longer_blocks_on_every_route(
     again = [await limiter.check(who, "feedback", THREE_PER_MINUTE, policy) for _ in range(3)]
     assert again[-1].started_block and again[-1].block_level == 2
     assert 1400 < again[-1].retry_after_ms <= 1500  # the next step
+
+
+async def test_with_blocking_off_refusals_are_counted_per_window_but_never_block(
+    limiter: Limiter,
+) -> None:
+    """RATE_LIMIT_BLOCK_AFTER=0: the burst is still known (violations 1, 2, ...), so the
+    decider can report it, but no number of refusals blocks."""
+    who = subject()
+    for _ in range(3):
+        await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+    refused = [await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS) for _ in range(40)]
+    assert {r.verdict for r in refused} == {Verdict.LIMITED}
+    assert [r.violations for r in refused] == list(range(1, 41))
+    assert not any(r.started_block for r in refused)
+    assert await limiter.blocked(who) is None
+    assert who not in {block.subject for block in await limiter.blocks()}
+    assert not (await limiter.check(who, "reads", FIVE_PER_SECOND, NO_BLOCKS)).refused
+
+
+async def test_blocked_finds_a_block_and_counts_nothing(limiter: Limiter) -> None:
+    who, bystander = subject(), subject()
+    policy = escalation(1, 60_000)
+    for _ in range(10):  # looking up a block uses no allowance
+        assert await limiter.blocked(bystander) is None
+    assert (await limiter.check(bystander, "feedback", THREE_PER_MINUTE, policy)).remaining == 2
+
+    for _ in range(4):  # the allowance, then one refusal: a block
+        started = await limiter.check(who, "feedback", THREE_PER_MINUTE, policy)
+    assert started.started_block
+    found = await limiter.blocked(who)
+    assert found is not None and found.verdict is Verdict.BLOCKED
+    assert found.block_level == 1 and not found.started_block
+    assert 59_000 < found.retry_after_ms <= 60_000
+    assert found.remaining == 0
+
+    assert await limiter.lift(who)
+    assert await limiter.blocked(who) is None
 
 
 async def test_blocks_are_listed_and_lifted(limiter: Limiter) -> None:
@@ -230,3 +275,104 @@ async def test_lifting_while_redis_is_down_says_so(quota_settings: SettingsFacto
         assert await memory.blocks() == []  # lifted where it could be
     finally:
         await redis.close()
+
+
+# -- a Redis that hangs: the decision's budget (RATE_LIMIT_REDIS_TIMEOUT_MS) --------------------
+
+BUDGET_MS = 50
+# Far below what the shared client alone would take (a 0.5 s socket timeout, then a retry),
+# with room for a slow CI machine.
+WITHIN_BUDGET_SECONDS = 0.25
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[str]:
+    """A TCP server that accepts connections and never answers: a Redis URL that hangs."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.close()
+
+
+async def test_a_silent_redis_costs_each_check_its_budget_then_the_breaker_skips_it(
+    quota_settings: SettingsFactory, silent_redis: str
+) -> None:
+    redis = ResilientRedis(
+        quota_settings(redis_url=silent_redis, redis_error_threshold=2), PerformanceMonitor()
+    )
+    try:
+        memory = MemoryLimiter()
+        limiter = FallbackLimiter(RedisLimiter(redis, timeout_seconds=BUDGET_MS / 1000), memory)
+        who = subject()
+        started = time.monotonic()
+        first = await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)
+        assert time.monotonic() - started < WITHIN_BUDGET_SECONDS
+        assert first.remaining == 2  # decided from memory
+        started = time.monotonic()
+        assert await limiter.blocked(who) is None  # from memory too
+        assert time.monotonic() - started < WITHIN_BUDGET_SECONDS
+        # Each expiry was a failure of Redis, as the shared client counts them: at the
+        # threshold the breaker opens and the next checks do not wait at all.
+        assert redis.breaker.snapshot().consecutive_failures == 2
+        assert not redis.available
+        started = time.monotonic()
+        assert (await limiter.check(who, "feedback", THREE_PER_MINUTE, NO_BLOCKS)).remaining == 1
+        assert time.monotonic() - started < BUDGET_MS / 1000
+    finally:
+        await redis.close()
+
+
+async def test_a_hung_redis_costs_a_decision_its_budget_not_envoys_wait(
+    quota_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    """A real Redis that stops answering mid-connection (SIGSTOP): Envoy waits 100 ms for the
+    decision (GATEWAY_RATE_LIMIT_TIMEOUT_MS) and lets the request pass after that, so the
+    decision must come from memory within RATE_LIMIT_REDIS_TIMEOUT_MS instead of waiting out
+    the shared client's timeouts."""
+    server = infra.private_redis(tmp_path)
+    if server is None or server.process is None:
+        pytest.skip("redis-server is not installed")
+    settings = quota_settings(redis_url=server.url, rate_limit_redis_timeout_ms=BUDGET_MS)
+    redis = ResilientRedis(settings, PerformanceMonitor())
+    try:
+        decider = build_decider(settings, redis, None)
+        path, ip, user_id = "/api/feedback", unique_network(), f"user-{uuid.uuid4()}"
+        descriptors = [{"path": path, "remote_address": ip}, {"path": path, "user": user_id}]
+        counted = await decider.decide(descriptors)  # Redis answers
+        assert [s.result.remaining for s in counted.statuses if s.result] == [29, 9]
+
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            decision = await decider.decide(descriptors)
+            elapsed = time.monotonic() - started
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert elapsed < WITHIN_BUDGET_SECONDS, elapsed
+        assert not decision.over_limit
+        # Memory has not seen the first request; Redis would have said 28 and 8.
+        assert [s.result.remaining for s in decision.statuses if s.result] == [29, 9]
+        assert redis.breaker.snapshot().consecutive_failures == 2  # both checks fed it
+
+        back = await decider.decide(descriptors)  # Redis answers again, with its counts
+        assert redis.breaker.snapshot().consecutive_failures == 0
+        # The scripts that timed out had been sent: Redis may have run them once resumed
+        # (counting that request twice, once here and once in memory), never lost this one.
+        ip_left, user_left = (s.result.remaining for s in back.statuses if s.result)
+        assert (ip_left, user_left) in {(28, 8), (27, 7)}
+    finally:
+        await redis.close()
+        server.stop()
+
+
+def unique_network() -> str:
+    h = uuid.uuid4().hex
+    return f"2001:db8:{h[:4]}:{h[4:8]}::1"

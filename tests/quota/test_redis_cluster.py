@@ -83,7 +83,10 @@ async def test_rate_limit_scripts_run_on_the_cluster(redis: ResilientRedis) -> N
     verdicts = [(await limiter.check(who, "feedback", limit, ESCALATION)).verdict for _ in range(4)]
     assert verdicts == [Verdict.ALLOWED, Verdict.ALLOWED, Verdict.LIMITED, Verdict.BLOCKED]
     assert who in {block.subject for block in await limiter.blocks()}
+    blocked = await limiter.blocked(who)
+    assert blocked is not None and blocked.verdict is Verdict.BLOCKED
     assert await limiter.lift(who)
+    assert await limiter.blocked(who) is None
     assert not (await limiter.check(who, "reads", limit, ESCALATION)).refused
 
 

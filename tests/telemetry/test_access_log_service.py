@@ -242,15 +242,21 @@ async def test_the_telemetry_service_stores_edge_events(
         "shutdown_grace_seconds": 1,
         "EDGE_EVENT_THRESHOLD": THRESHOLD,
         "EDGE_EVENT_WINDOW_SECONDS": 30,
+        # Counted as the quota service counts clients: here one /48 is one client.
+        "CLIENT_IPV6_PREFIX_LENGTH": 48,
     }
     settings = TelemetrySettings(**values)
-    ip = f"203.0.113.{uuid.uuid4().int % 250 + 1}"
+    group = f"{0x1000 + uuid.uuid4().int % 0xF000:x}"  # four digits: one spelling
+    ip = f"2001:db8:{group}::/48"
+    # One failure from each of THRESHOLD /64s of that /48: a burst only when the service
+    # counts with the configured prefix length.
+    sources = [f"2001:db8:{group}:{n:x}::1" for n in range(1, THRESHOLD + 1)]
     since = await db.fetchval("SELECT now()")  # other runs may have used this address before
     service = await create_service(settings)
     port = await service.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            entries = [Entry(ip=ip, status=401, path="/api/profile")] * THRESHOLD
+            entries = [Entry(ip=source, status=401, path="/api/profile") for source in sources]
             await send_all(stream_call(channel), [als_message(entries, first=True)])
 
             async def stored() -> list[asyncpg.Record]:

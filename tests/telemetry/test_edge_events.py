@@ -4,7 +4,9 @@ burst, bounded memory. Plain domain code with an injected clock."""
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from services.common.client_networks import ClientNetworks
 from services.telemetry.edge_events import (
     MAX_PATH_CHARS,
     MAX_SAMPLE_PATHS,
@@ -12,6 +14,7 @@ from services.telemetry.edge_events import (
     EdgeEventAggregator,
     client_network,
 )
+from services.telemetry.settings import TelemetrySettings
 
 WINDOW = 60.0
 THRESHOLD = 5
@@ -133,6 +136,38 @@ def test_ipv6_clients_are_counted_per_64(clock: FakeClock) -> None:
     events = [agg.observe(f"2001:db8:1:2::{i:x}", 401, "/a") for i in range(1, THRESHOLD + 1)]
     assert [e.network for e in events if e is not None] == ["2001:db8:1:2::/64"]
     assert feed(agg, THRESHOLD - 1, ip="2001:db8:1:3::1") == []
+
+
+def test_the_configured_prefix_lengths_are_the_networks_counted(clock: FakeClock) -> None:
+    """CLIENT_IPV4_PREFIX_LENGTH / CLIENT_IPV6_PREFIX_LENGTH, as the quota service counts."""
+    agg = EdgeEventAggregator(
+        window_seconds=WINDOW,
+        threshold=THRESHOLD,
+        networks=ClientNetworks(ipv4_prefix=24, ipv6_prefix=48),
+        clock=clock,
+    )
+    ipv4 = [agg.observe(f"198.51.100.{i}", 401, "/a") for i in range(1, THRESHOLD + 1)]
+    assert [e.network for e in ipv4 if e is not None] == ["198.51.100.0/24"]
+    ipv6 = [agg.observe(f"2001:db8:1:{i:x}::1", 401, "/a") for i in range(1, THRESHOLD + 1)]
+    assert [e.network for e in ipv6 if e is not None] == ["2001:db8:1::/48"]
+    mapped = [agg.observe(f"::ffff:203.0.113.{i}", 400, "/a") for i in range(THRESHOLD)]
+    assert [e.network for e in mapped if e is not None] == ["203.0.113.0/24"]
+
+    whole = EdgeEventAggregator(threshold=2, networks=ClientNetworks(ipv6_prefix=128), clock=clock)
+    assert whole.observe("2001:db8:1:2::1", 401, "/a") is None
+    assert whole.observe("2001:db8:1:2::2", 401, "/a") is None  # another address, another client
+    event = whole.observe("2001:db8:1:2::1", 401, "/a")
+    assert event is not None and event.network == "2001:db8:1:2::1"
+
+
+def test_telemetry_reads_the_client_network_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert TelemetrySettings().client_networks == ClientNetworks(32, 64)
+    monkeypatch.setenv("CLIENT_IPV4_PREFIX_LENGTH", "24")
+    monkeypatch.setenv("CLIENT_IPV6_PREFIX_LENGTH", "56")
+    assert TelemetrySettings().client_networks == ClientNetworks(24, 56)
+    monkeypatch.setenv("CLIENT_IPV6_PREFIX_LENGTH", "129")
+    with pytest.raises(ValidationError, match="CLIENT_IPV6_PREFIX_LENGTH"):
+        TelemetrySettings()
 
 
 def test_client_network_spellings() -> None:

@@ -92,7 +92,7 @@ def test_oversized_or_unstorable_properties_are_refused() -> None:
         {"k": ["ok", {"deep": "\\\x00"}]},  # nested, after a backslash
     ],
 )
-def test_nul_anywhere_in_properties_is_refused(properties: dict[str, object]) -> None:
+def test_nul_anywhere_in_properties_is_refused(properties: dict[str, Any]) -> None:
     value = struct_pb2.Struct()
     value.update(properties)
     with pytest.raises(ServiceError) as caught:

@@ -7,11 +7,11 @@ import ipaddress
 
 import grpc
 
+from services.common.client_networks import ClientNetworks
 from services.common.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from services.common.identity import Identity
 from services.common.redis import RedisUnavailable
 from services.common.security_events import SEVERITY_LOW, SecurityEventSink
-from services.quota.network import ClientNetworks
 from services.quota.ratelimit.config import Scope
 from services.quota.ratelimit.limiter import Block, Limiter, Subject
 

@@ -2,23 +2,41 @@
 environment overrides for the common knobs, validated into typed, frozen objects.
 
 Loaded once at start; a bad file or override stops the service with a message naming the
-field, like every other setting.
+field (and the variable, for an override), like every other setting. So does a RATE_LIMIT_*
+variable that is neither an override nor a setting: a misspelt override
+(RATE_LIMIT_GENERATES_PER_IP) would otherwise be ignored without a word, leaving the limit
+the operator meant to change as it was.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("limits.yaml")
 SUPPORTED_VERSION = 1
+
+ENV_PREFIX = "RATE_LIMIT_"
+# The escalation overrides: variable -> the `escalation` key it replaces.
+ESCALATION_VARIABLES = {
+    "RATE_LIMIT_BLOCK_AFTER": "violations",
+    "RATE_LIMIT_VIOLATION_WINDOW": "window",
+    "RATE_LIMIT_BLOCK_STEPS": "blocks",
+    "RATE_LIMIT_FORGET_AFTER": "forget_after",
+}
+# The quota service's settings whose names start with RATE_LIMIT_ (services/quota/settings.py;
+# tests/quota/test_ratelimit_config.py keeps this in step with every service's settings).
+SETTING_VARIABLES = frozenset({"RATE_LIMIT_CONFIG", "RATE_LIMIT_REDIS_TIMEOUT_MS"})
+
+T = TypeVar("T")
 
 _LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -168,43 +186,71 @@ def _errors(where: str, err: ValidationError) -> ValueError:
     return ValueError("; ".join(problems))
 
 
-def _escalation(raw: Mapping[str, Any], env: Mapping[str, str]) -> Escalation:
-    violations = env.get("RATE_LIMIT_BLOCK_AFTER", raw.get("violations"))
-    window = env.get("RATE_LIMIT_VIOLATION_WINDOW", raw.get("window"))
-    steps = env.get("RATE_LIMIT_BLOCK_STEPS", raw.get("blocks"))
-    forget = env.get("RATE_LIMIT_FORGET_AFTER", raw.get("forget_after"))
-    if isinstance(steps, str):
-        steps = [step for step in steps.split(",") if step.strip()]
-    if not isinstance(steps, list):
-        raise ValueError(f"escalation.blocks: expected a list of durations, got {steps!r}")
+def _route_variable(name: str, scope: Scope) -> str:
+    return f"{ENV_PREFIX}{name.upper()}_PER_{scope.value.upper()}"
+
+
+def _parsed(where: str, variable: str | None, parse: Callable[[object], T], value: object) -> T:
+    """`parse(value)`, its error naming the field, and the variable when it set the value."""
     try:
-        count = int(str(violations))
+        return parse(value)
+    except ValueError as err:
+        label = f"{variable} ({where})" if variable else where
+        raise ValueError(f"{label}: {err}") from None
+
+
+def _whole_number(value: object) -> int:
+    try:
+        count = int(str(value).strip())
     except ValueError:
-        raise ValueError(
-            f"escalation.violations: expected a whole number, got {violations!r}"
-        ) from None
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if count < 0:
+        raise ValueError(f"expected 0 (never block) or more, got {value!r}")
+    return count
+
+
+def _durations(value: object) -> tuple[int, ...]:
+    if isinstance(value, str):
+        value = [step for step in value.split(",") if step.strip()]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a list of durations such as 1m,10m,1h; got {value!r}")
+    return tuple(parse_duration_ms(step) for step in value)
+
+
+def _escalation(raw: Mapping[str, Any], env: Mapping[str, str]) -> Escalation:
+    values: dict[str, object] = {}
+    parsers: dict[str, tuple[str, Callable[[object], object]]] = {
+        "violations": ("violations", _whole_number),
+        "window": ("window_ms", parse_duration_ms),
+        "blocks": ("blocks_ms", _durations),
+        "forget_after": ("forget_after_ms", parse_duration_ms),
+    }
+    unknown = set(raw) - set(parsers)
+    if unknown:
+        raise ValueError(f"escalation: unknown keys {sorted(unknown)}")
+    by_key = {key: variable for variable, key in ESCALATION_VARIABLES.items()}
+    for key, (field, parse) in parsers.items():
+        variable = by_key[key] if by_key[key] in env else None
+        value = env[variable] if variable else raw.get(key)
+        values[field] = _parsed(f"escalation.{key}", variable, parse, value)
     try:
-        return Escalation(
-            violations=count,
-            window_ms=parse_duration_ms(window),
-            blocks_ms=tuple(parse_duration_ms(step) for step in steps),
-            forget_after_ms=parse_duration_ms(forget),
-        )
+        return Escalation.model_validate(values)
     except ValidationError as err:
         raise _errors("escalation", err) from None
-    except ValueError as err:
-        raise ValueError(f"escalation: {err}") from None
 
 
-def _route(name: str, raw: Mapping[str, Any], env: Mapping[str, str]) -> RouteLimits:
-    values = dict(raw)
-    for scope in Scope:
-        override = env.get(f"RATE_LIMIT_{name.upper()}_PER_{scope.value.upper()}")
-        if override is not None:
-            values[f"per_{scope.value}"] = override
+def _route(
+    name: str, raw: Mapping[str, Any], env: Mapping[str, str], scopes: tuple[Scope, ...] = (*Scope,)
+) -> RouteLimits:
     where = "default" if name == "default" else f"routes.{name}"
-    if not isinstance(values, dict):
+    if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping")
+    values = dict(raw)
+    for scope in scopes:
+        variable = _route_variable(name, scope)
+        if variable in env:
+            field = f"per_{scope.value}"
+            values[field] = _parsed(f"{where}.{field}", variable, parse_limit, env[variable])
     try:
         return RouteLimits(name=name, **values)
     except ValidationError as err:
@@ -214,13 +260,65 @@ def _route(name: str, raw: Mapping[str, Any], env: Mapping[str, str]) -> RouteLi
 def _admin_failures(raw: object, env: Mapping[str, str]) -> RouteLimits:
     if not isinstance(raw, dict) or set(raw) - {"per_ip"}:
         raise ValueError(f"{ADMIN_FAILURES}: expected per_ip only")
-    return _route(ADMIN_FAILURES, raw, env)
+    return _route(ADMIN_FAILURES, raw, env, (Scope.IP,))
+
+
+def _overrides(env: Mapping[str, str]) -> dict[str, str]:
+    """The RATE_LIMIT_* variables of `env`, by their name in capitals (variable names are read
+    without regard to case, as every setting's are)."""
+    found: dict[str, str] = {}
+    spelled: dict[str, str] = {}
+    for variable, value in env.items():
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name in spelled:
+            raise ValueError(f"{spelled[name]} and {variable} are the same variable: set one")
+        spelled[name] = variable
+        found[name] = value
+    return found
+
+
+def _refuse_unknown(overrides: Mapping[str, str], route_names: list[str]) -> None:
+    """Every RATE_LIMIT_* variable must be an override of this configuration or a setting."""
+    routes = [*route_names, "default"]
+    known = {
+        *(_route_variable(name, scope) for name in routes for scope in Scope),
+        _route_variable(ADMIN_FAILURES, Scope.IP),
+        *ESCALATION_VARIABLES,
+        *SETTING_VARIABLES,
+    }
+    unknown = sorted(set(overrides) - known)
+    if not unknown:
+        return
+    problems = []
+    for variable in unknown:
+        close = difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"{variable}{hint}")
+    raise ValueError(
+        f"unknown rate-limit variable{'s' if len(unknown) > 1 else ''} {', '.join(problems)}. "
+        f"Known: RATE_LIMIT_<ROUTE>_PER_IP and RATE_LIMIT_<ROUTE>_PER_USER with <ROUTE> one of "
+        f"{', '.join(name.upper() for name in routes)}; "
+        f"{_route_variable(ADMIN_FAILURES, Scope.IP)}; "
+        f"{', '.join(ESCALATION_VARIABLES)}; {', '.join(sorted(SETTING_VARIABLES))}"
+    )
+
+
+def _refuse_shared_paths(routes: tuple[RouteLimits, ...]) -> None:
+    seen: dict[str, str] = {}
+    for route in routes:
+        for path in (*route.paths, *(f"prefix {p}" for p in route.prefixes)):
+            if path in seen:
+                raise ValueError(f"{path} is in both {seen[path]} and {route.name}")
+            seen[path] = route.name
 
 
 def parse_config(raw: object, env: Mapping[str, str] | None = None) -> RateLimitConfig:
-    """Validate a parsed YAML document, applying environment overrides from `env`."""
-    env = env or {}
+    """Validate a parsed YAML document, applying environment overrides from `env` (the whole
+    environment will do: only RATE_LIMIT_* variables are read, and each must be known)."""
     try:
+        overrides = _overrides(env or {})
         if not isinstance(raw, dict):
             raise ValueError("expected a mapping at the top level")
         version = raw.get("version")
@@ -229,27 +327,27 @@ def parse_config(raw: object, env: Mapping[str, str] | None = None) -> RateLimit
         routes_raw = raw.get("routes") or {}
         if not isinstance(routes_raw, dict):
             raise ValueError("routes: expected a mapping of route name to limits")
-        routes = tuple(_route(name, spec or {}, env) for name, spec in routes_raw.items())
-        if "default" in routes_raw:
-            raise ValueError("routes: 'default' is reserved for the top-level default")
+        for reserved in ("default", ADMIN_FAILURES):
+            if reserved in routes_raw:
+                raise ValueError(f"routes: '{reserved}' is reserved for the top-level {reserved}")
+        _refuse_unknown(overrides, [str(name) for name in routes_raw])
+        routes = tuple(_route(name, spec or {}, overrides) for name, spec in routes_raw.items())
         default_raw = raw.get("default") or {}
         if not isinstance(default_raw, dict) or {"paths", "prefixes"} & set(default_raw):
             raise ValueError("default: expected per_ip / per_user only")
         unknown = set(raw) - {"version", "routes", "default", "escalation", ADMIN_FAILURES}
         if unknown:
             raise ValueError(f"unknown top-level keys: {sorted(unknown)}")
-        seen: dict[str, str] = {}
-        for route in routes:
-            for path in (*route.paths, *(f"prefix {p}" for p in route.prefixes)):
-                if path in seen:
-                    raise ValueError(f"{path} is in both {seen[path]} and {route.name}")
-                seen[path] = route.name
+        escalation_raw = raw.get("escalation") or {}
+        if not isinstance(escalation_raw, dict):
+            raise ValueError("escalation: expected a mapping")
+        _refuse_shared_paths(routes)
         return RateLimitConfig(
             version=version,
             routes=routes,
-            default=_route("default", default_raw, env),
-            escalation=_escalation(raw.get("escalation") or {}, env),
-            admin_failures=_admin_failures(raw.get(ADMIN_FAILURES) or {}, env),
+            default=_route("default", default_raw, overrides),
+            escalation=_escalation(escalation_raw, overrides),
+            admin_failures=_admin_failures(raw.get(ADMIN_FAILURES) or {}, overrides),
         )
     except ValidationError as err:
         raise ConfigError(f"invalid rate-limit configuration: {_errors('config', err)}") from None

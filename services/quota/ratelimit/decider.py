@@ -4,8 +4,14 @@ the refusal a client sees, and the security events abuse produces.
 
 Envoy describes a request as descriptors, each a set of entries: `path` (the REST path) with
 `remote_address` (the client IP Envoy trusts) or with `user` (the verified JWT subject). Each
-descriptor is one check; the request passes only if every check does. Descriptors of any
-other shape are answered OK without counting anything, so a stray entry cannot block traffic.
+descriptor is one check; the request passes only if every check does. A descriptor whose
+route has no limit for its scope (`off`) counts nothing but is still checked for a block: a
+blocked caller is refused on every route. Descriptors of any other shape are answered OK
+without counting anything, so a stray entry cannot block traffic.
+
+The checks of one request run concurrently; the Redis limiter bounds each by the decision's
+Redis budget (RATE_LIMIT_REDIS_TIMEOUT_MS) and the fallback decides from memory past it, so a
+decision always comes within Envoy's wait.
 
 Admin paths add one more descriptor, marked `admin_auth`, carrying the credential presented
 (`admin_token`, and the verified `user` and `role`). A request without an admin credential
@@ -14,9 +20,10 @@ refused after a few tries and, if it goes on, blocked. The service still answers
 that pass with 401 or 403.
 
 Security events are aggregated: one `rate_limit_exceeded` per burst of refusals (the first
-refusal in an escalation window), one `rate_limit_block` per block, never one per request, so
-an attacker cannot make the database write a row per request. Failed admin attempts are
-reported the same way: one `admin_auth_failed` when a burst of them starts.
+refusal in an escalation window, whether or not blocking is on), one `rate_limit_block` per
+block, never one per request, so an attacker cannot make the database write a row per
+request. Failed admin attempts are reported the same way: one `admin_auth_failed` when a
+burst of them starts.
 """
 
 from __future__ import annotations
@@ -30,11 +37,17 @@ import grpc
 from prometheus_client import Counter
 
 from services.common.admin_auth import credential_is_admin
+from services.common.client_networks import ClientNetworks
 from services.common.errors import Reason, ServiceError
 from services.common.identity import Identity
 from services.common.security_events import SEVERITY_HIGH, SEVERITY_MEDIUM, SecurityEventSink
-from services.quota.network import ClientNetworks
-from services.quota.ratelimit.config import ADMIN_FAILURES, Limit, RateLimitConfig, Scope
+from services.quota.ratelimit.config import (
+    ADMIN_FAILURES,
+    Escalation,
+    Limit,
+    RateLimitConfig,
+    Scope,
+)
 from services.quota.ratelimit.limiter import CheckResult, Limiter, Subject, Verdict
 
 PATH_ENTRY = "path"
@@ -77,22 +90,25 @@ class _Check:
     index: int
     route: str
     subject: Subject
-    limit: Limit
+    # None: the route has no limit for this scope; only a block can refuse the request.
+    limit: Limit | None
+
+    async def run(self, limiter: Limiter, escalation: Escalation) -> CheckResult | None:
+        if self.limit is None:
+            return await limiter.blocked(self.subject)
+        return await limiter.check(self.subject, self.route, self.limit, escalation)
 
 
 def _seconds(milliseconds: int) -> int:
     return max(1, math.ceil(milliseconds / 1000))
 
 
-def refusal(route: str, subject: Subject, limit: Limit, result: CheckResult) -> ServiceError:
+def refusal(route: str, subject: Subject, limit: Limit | None, result: CheckResult) -> ServiceError:
     """RATE_LIMITED, saying which limit was hit (never QUOTA_EXHAUSTED: that is the daily
     quota, a different thing with a different remedy)."""
     wait = _seconds(result.retry_after_ms)
     who = "client network" if subject.scope is Scope.IP else "user"
-    if result.verdict is Verdict.LIMITED and route == ADMIN_FAILURES:
-        message = f"too many failed admin attempts from this {who}; retry in {wait} s"
-        metadata = {"limit": route, "scope": subject.scope.value, "policy": str(limit)}
-    elif result.verdict is Verdict.BLOCKED:
+    if result.verdict is Verdict.BLOCKED or limit is None:
         message = f"this {who} is blocked for repeatedly exceeding rate limits; retry in {wait} s"
         # What was hit is the block, whichever route this request was for.
         metadata = {
@@ -101,6 +117,9 @@ def refusal(route: str, subject: Subject, limit: Limit, result: CheckResult) -> 
             "route": route,
             "block_level": str(result.block_level),
         }
+    elif route == ADMIN_FAILURES:
+        message = f"too many failed admin attempts from this {who}; retry in {wait} s"
+        metadata = {"limit": route, "scope": subject.scope.value, "policy": str(limit)}
     else:
         message = (
             f"rate limit exceeded: {limit.requests} {route} requests per {limit.unit.value} "
@@ -154,24 +173,27 @@ class RateLimitDecider:
             limit = route.limit(subject.scope) if subject is not None else None
             name = f"{route.name}.per_{subject.scope.value}" if subject else route.name
             statuses.append(DescriptorStatus(name, limit, None))
-            if subject is not None and limit is not None:
+            if subject is not None:
+                # Without a limit, still a check: for the subject's block.
                 checks.append(_Check(index, route.name, subject, limit))
 
         escalation = self.config.escalation
+        results: Sequence[CheckResult | None]
         if len(checks) == 1:  # a guest: no task to spawn for one check
-            only = checks[0]
-            results = [await self.limiter.check(only.subject, only.route, only.limit, escalation)]
+            results = [await checks[0].run(self.limiter, escalation)]
         else:
-            results = await asyncio.gather(
-                *(self.limiter.check(c.subject, c.route, c.limit, escalation) for c in checks)
-            )
+            results = await asyncio.gather(*(c.run(self.limiter, escalation) for c in checks))
+        counted: list[tuple[_Check, CheckResult]] = []
         for check, result in zip(checks, results, strict=True):
+            if result is None:  # no limit and no block: nothing to say
+                continue
             statuses[check.index] = DescriptorStatus(
                 statuses[check.index].name, check.limit, result
             )
             DECISIONS.labels(check.route, check.subject.scope.value, result.verdict.value).inc()
-        self._report_admin_failures(descriptors, checks, results)
-        refused = [(c, r) for c, r in zip(checks, results, strict=True) if r.refused]
+            counted.append((check, result))
+        self._report_admin_failures(descriptors, counted)
+        refused = [(c, r) for c, r in counted if r.refused]
         if not refused:
             return Decision(tuple(statuses), None)
         self._report(descriptors, refused)
@@ -200,18 +222,15 @@ class RateLimitDecider:
         ]
 
     def _report_admin_failures(
-        self,
-        descriptors: Sequence[Mapping[str, str]],
-        checks: list[_Check],
-        results: Sequence[CheckResult],
+        self, descriptors: Sequence[Mapping[str, str]], counted: list[tuple[_Check, CheckResult]]
     ) -> None:
         """One event when a burst of failed admin attempts starts: the first failure that
         finds the client's allowance whole. The refusals and blocks that follow a burst are
         reported as rate-limit events."""
         if self.security_events is None:
             return
-        for check, result in zip(checks, results, strict=True):
-            if check.route != ADMIN_FAILURES or result.refused:
+        for check, result in counted:
+            if check.route != ADMIN_FAILURES or check.limit is None or result.refused:
                 continue
             if result.remaining != check.limit.requests - 1:
                 continue
@@ -253,11 +272,13 @@ class RateLimitDecider:
             ),
         )
         for check, result in refused:
+            if not result.started_block and result.violations != 1:
+                continue  # within a burst already reported, or a block already reported
             details = {
                 "route": check.route,
                 "scope": check.subject.scope.value,
                 "subject": check.subject.value,
-                "limit": str(check.limit),
+                "limit": str(check.limit) if check.limit is not None else "off",
             }
             if result.started_block:
                 self.security_events.report(
@@ -271,7 +292,7 @@ class RateLimitDecider:
                         "violations": str(result.violations),
                     },
                 )
-            elif result.violations == 1:
+            else:
                 self.security_events.report(
                     "rate_limit_exceeded", SEVERITY_MEDIUM, identity, details
                 )

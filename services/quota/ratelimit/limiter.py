@@ -69,7 +69,8 @@ class CheckResult:
     # Allowed: how long until the limit is whole again.
     reset_ms: int
     # Limited or newly blocked: refusals of this subject in the current window, this one
-    # included (1 means a new burst of violations began).
+    # included (1 means a new burst of violations began). Counted whether or not escalation
+    # can block, so a burst is reported either way.
     violations: int = 0
     # Blocked: the block's level (1 = first, 2 = second within the escalation memory, ...),
     # and whether this very request started it (its length is then `retry_after_ms`).
@@ -99,6 +100,12 @@ class Limiter(Protocol):
         a refusal counts toward escalation, which may start a block."""
         ...
 
+    async def blocked(self, subject: Subject) -> CheckResult | None:
+        """`subject`'s block, if one is in force (a BLOCKED result with its remaining time
+        and level), else None. Counts nothing: for requests on routes without a limit for
+        `subject`'s scope, which a block refuses all the same."""
+        ...
+
     async def blocks(self) -> list[Block]:
         """The blocks in force now."""
         ...
@@ -124,6 +131,13 @@ class FallbackLimiter:
         except RedisUnavailable:
             LIMITER_FALLBACKS.labels("check").inc()
             return await self.fallback.check(subject, route, limit, escalation)
+
+    async def blocked(self, subject: Subject) -> CheckResult | None:
+        try:
+            return await self.primary.blocked(subject)
+        except RedisUnavailable:
+            LIMITER_FALLBACKS.labels("blocked").inc()
+            return await self.fallback.blocked(subject)
 
     async def blocks(self) -> list[Block]:
         found = await self.fallback.blocks()

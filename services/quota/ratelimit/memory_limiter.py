@@ -52,17 +52,26 @@ class MemoryLimiter:
             for subject in [s for s, e in table.items() if e.expires_at <= now]:
                 del table[subject]
 
+    async def blocked(self, subject: Subject) -> CheckResult | None:
+        return self._blocked(subject, self.clock())
+
+    def _blocked(self, subject: Subject, now: float) -> CheckResult | None:
+        block = self._blocks.get(subject)
+        if block is None or block.expires_at <= now:
+            return None
+        remaining_ms = math.ceil((block.expires_at - now) * 1000)
+        return CheckResult(
+            Verdict.BLOCKED, 0, remaining_ms, remaining_ms, block_level=int(block.value)
+        )
+
     async def check(
         self, subject: Subject, route: str, limit: Limit, escalation: Escalation
     ) -> CheckResult:
         now = self.clock()
         self._sweep(now)
-        block = self._blocks.get(subject)
-        if block is not None and block.expires_at > now:
-            remaining_ms = math.ceil((block.expires_at - now) * 1000)
-            return CheckResult(
-                Verdict.BLOCKED, 0, remaining_ms, remaining_ms, block_level=int(block.value)
-            )
+        blocked = self._blocked(subject, now)
+        if blocked is not None:
+            return blocked
 
         period = limit.period_ms / 1000
         interval = period / limit.requests
@@ -78,8 +87,8 @@ class MemoryLimiter:
 
         retry_ms = math.ceil(-diff * 1000)
         reset_ms = math.ceil((tat - now) * 1000)
-        if not escalation.enabled:
-            return CheckResult(Verdict.LIMITED, 0, retry_ms, reset_ms)
+        # Refusals are counted in the escalation window even when blocking is off
+        # (violations 0): the first of a burst is what the burst's security event reports.
         violations = int(self._live(self._violations, subject, now)) + 1
         window_end = (
             self._violations[subject].expires_at
@@ -87,7 +96,7 @@ class MemoryLimiter:
             else now + escalation.window_ms / 1000
         )
         self._violations[subject] = _Expiring(violations, window_end)
-        if violations < escalation.violations:
+        if not escalation.enabled or violations < escalation.violations:
             return CheckResult(Verdict.LIMITED, 0, retry_ms, reset_ms, violations)
 
         level = int(self._live(self._levels, subject, now)) + 1

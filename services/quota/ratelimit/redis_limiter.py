@@ -14,18 +14,32 @@ list blocks without scanning keys; it is written after the block (another slot o
 and its ended entries are dropped as it is read.
 
 Time is Redis's own (TIME), so replicas with skewed clocks agree on every window.
+
+A rate-limit decision has a budget (RATE_LIMIT_REDIS_TIMEOUT_MS, `timeout_seconds`), far
+shorter than the shared client's timeouts: Envoy waits only GATEWAY_RATE_LIMIT_TIMEOUT_MS for
+the answer and then lets the request pass, so a Redis that is slow but alive must not use the
+whole wait. The Redis calls of one check (the script, and the block index when the check
+starts a block) share one deadline; past it the call fails like any failed Redis call (the
+breaker counts it, and the caller gets RedisUnavailable and decides from memory). Listing and
+lifting blocks are operators' calls and keep the shared client's timeouts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import cast
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 
 from redis.asyncio import Redis
 
 from services.common.redis import RedisUnavailable, ResilientRedis
 from services.quota.ratelimit.config import Escalation, Limit
 from services.quota.ratelimit.limiter import Block, CheckResult, Subject, Verdict
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # KEYS: block, violations, level, bucket.
 # ARGV: requests, period (ms), violations before a block (0: never), violation window (ms),
@@ -35,7 +49,9 @@ from services.quota.ratelimit.limiter import Block, CheckResult, Subject, Verdic
 #
 # GCRA: each request moves the bucket's theoretical arrival time (TAT) one emission interval
 # (period / requests) ahead; a request is allowed while TAT - now stays within the period
-# after the move. A refusal leaves TAT where it was.
+# after the move. A refusal leaves TAT where it was. Refusals are counted in the violation
+# window even when blocking is off (0 violations before a block), so the first refusal of a
+# burst is known and reported; only a threshold above 0 blocks.
 _CHECK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -62,14 +78,11 @@ end
 local retry_ms = math.ceil(-diff / 1000)
 local reset_ms = math.ceil((tat - now) / 1000)
 local threshold = tonumber(ARGV[3])
-if threshold == 0 then
-  return {1, 0, retry_ms, reset_ms, 0, 0, 0, now_ms}
-end
 local violations = redis.call('INCR', KEYS[2])
 if violations == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-if violations < threshold then
+if threshold == 0 or violations < threshold then
   return {1, 0, retry_ms, reset_ms, violations, 0, 0, now_ms}
 end
 local level = redis.call('INCR', KEYS[3])
@@ -84,6 +97,15 @@ redis.call('DEL', KEYS[2])
 return {2, 0, block_ms, block_ms, violations, level, 1, now_ms}
 """
 
+# KEYS: block. Returns {remaining ms (0: not blocked), block level}, in one round trip.
+_BLOCKED_LUA = """
+local blocked_ms = redis.call('PTTL', KEYS[1])
+if blocked_ms > 0 then
+  return {blocked_ms, tonumber(redis.call('GET', KEYS[1]) or '1')}
+end
+return {0, 0}
+"""
+
 # KEYS: block, violations, level. Returns 1 when a block was in force.
 _LIFT_LUA = """
 local blocked = redis.call('EXISTS', KEYS[1])
@@ -95,10 +117,17 @@ _VERDICTS = (Verdict.ALLOWED, Verdict.LIMITED, Verdict.BLOCKED)
 
 
 class RedisLimiter:
-    def __init__(self, redis: ResilientRedis) -> None:
+    """`timeout_seconds` bounds the Redis work of each check (None: the shared client's
+    timeouts only)."""
+
+    def __init__(self, redis: ResilientRedis, timeout_seconds: float | None = None) -> None:
+        if timeout_seconds is not None and not timeout_seconds > 0:
+            raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds}")
         self.redis = redis
+        self.timeout_seconds = timeout_seconds
         client = redis.client
         self._check = client.register_script(_CHECK_LUA) if client else None
+        self._blocked = client.register_script(_BLOCKED_LUA) if client else None
         self._lift = client.register_script(_LIFT_LUA) if client else None
         self.index_key = redis.key("rl", "blocks")
 
@@ -106,12 +135,31 @@ class RedisLimiter:
         base = self.redis.key("rl", "{" + subject.tag + "}")
         return [f"{base}:block", f"{base}:violations", f"{base}:level", f"{base}:gcra:{route}"]
 
+    def _deadline(self) -> float | None:
+        if self.timeout_seconds is None:
+            return None
+        return asyncio.get_running_loop().time() + self.timeout_seconds
+
+    async def _run(
+        self, operation: str, deadline: float | None, fn: Callable[[Redis], Awaitable[T]]
+    ) -> T:
+        """One Redis call of a decision, through the shared client (its breaker and
+        timeouts), ended at `deadline`: the TimeoutError is a failed call to the shared client,
+        which counts it and raises RedisUnavailable."""
+
+        async def bounded(client: Redis) -> T:
+            async with asyncio.timeout_at(deadline):
+                return await fn(client)
+
+        return await self.redis.run(operation, bounded)
+
     async def check(
         self, subject: Subject, route: str, limit: Limit, escalation: Escalation
     ) -> CheckResult:
         script = self._check
         if script is None:
             raise RedisUnavailable("REDIS_URL is not set")
+        deadline = self._deadline()
         keys = self.keys(subject, route)
         args: list[str | int] = [
             limit.requests,
@@ -121,21 +169,42 @@ class RedisLimiter:
             escalation.forget_after_ms,
             ",".join(str(ms) for ms in escalation.blocks_ms),
         ]
-        reply = await self.redis.run(
-            "ratelimit.check", lambda client: script(keys=keys, args=args, client=client)
+        reply = await self._run(
+            "ratelimit.check", deadline, lambda client: script(keys=keys, args=args, client=client)
         )
         verdict, remaining, retry_ms, reset_ms, violations, level, started, now_ms = map(int, reply)
         if started:
-            until = now_ms + retry_ms
-            index = self.index_key
-            member = str(subject)
-            await self.redis.run(
-                "ratelimit.index_block",
-                lambda client: client.zadd(index, {member: until}),
-            )
+            await self._index(subject, now_ms + retry_ms, deadline)
         return CheckResult(
             _VERDICTS[verdict], remaining, retry_ms, reset_ms, violations, level, bool(started)
         )
+
+    async def _index(self, subject: Subject, until_ms: int, deadline: float | None) -> None:
+        """Lists a block just started. The block itself is in force already (the script set
+        it), so a failure here does not undo the decision: the block is only missing from
+        the list operators read until it ends (it can still be lifted by its subject)."""
+        index, member = self.index_key, str(subject)
+        try:
+            await self._run(
+                "ratelimit.index_block",
+                deadline,
+                lambda client: client.zadd(index, {member: until_ms}),
+            )
+        except RedisUnavailable:
+            log.warning("the block of %s is in force but could not be listed", member)
+
+    async def blocked(self, subject: Subject) -> CheckResult | None:
+        script = self._blocked
+        if script is None:
+            raise RedisUnavailable("REDIS_URL is not set")
+        keys = self.keys(subject, "")[:1]
+        reply = await self._run(
+            "ratelimit.blocked", self._deadline(), lambda client: script(keys=keys, client=client)
+        )
+        remaining_ms, level = map(int, reply)
+        if remaining_ms <= 0:
+            return None
+        return CheckResult(Verdict.BLOCKED, 0, remaining_ms, remaining_ms, block_level=level)
 
     async def blocks(self) -> list[Block]:
         if self.redis.client is None:
