@@ -192,6 +192,12 @@ async def reset_stats(request: web.Request) -> web.Response:
     return await get_stats(request)
 
 
+# Largest request body. aiohttp's default (1 MiB) refused, with a 413, any image over about
+# 750 KB; the real API takes far larger ones, and genmesh sends up to 5 MiB of image as a
+# base64 data URL (about 6.7 MiB) plus the prompt.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+
 async def _release_hung(app: web.Application) -> None:
     # Runs before the runner waits for in-flight requests, so hung ones don't stall shutdown.
     app[FAULTS].release_all()
@@ -208,7 +214,7 @@ def create_app(settings: SimSettings | None = None) -> web.Application:
         retry_after=settings.fault_retry_after,
         hang=settings.fault_hang,
     )
-    app = web.Application(middlewares=[openai_edge])
+    app = web.Application(middlewares=[openai_edge], client_max_size=MAX_REQUEST_BYTES)
     app[SETTINGS] = settings
     app[FAULTS] = FaultInjector(startup_faults, random.Random(settings.seed))
     app[STATS] = Stats()

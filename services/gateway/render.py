@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from services.gateway.jwt_providers import TYPE_URL, jwks_clusters, providers, requirement
 from services.gateway.settings import DEFAULT_DESCRIPTOR_SET, GatewaySettings, split_addr
 
-__all__ = ["DEFAULT_DESCRIPTOR_SET", "GatewaySettings", "render", "split_addr"]
+__all__ = ["DEFAULT_DESCRIPTOR_SET", "GatewaySettings", "config_warnings", "render", "split_addr"]
 
 TEMPLATE = Path(__file__).resolve().with_name("envoy.yaml.tmpl")
 HSTS_VALUE = "max-age=63072000; includeSubDomains"
@@ -39,7 +39,8 @@ TRANSCODED_SERVICES = (
     "genmesh.telemetry.v1.TelemetryAdminService",
 )
 # Request headers a browser may send cross-origin, and response headers its scripts may read.
-CORS_ALLOW_HEADERS = "authorization, content-type, idempotency-key, x-request-id"
+# cache-control: a client may ask generate to skip the answer cache (`Cache-Control: no-cache`).
+CORS_ALLOW_HEADERS = "authorization, cache-control, content-type, idempotency-key, x-request-id"
 CORS_EXPOSE_HEADERS = (
     "retry-after, x-request-id, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset"
 )
@@ -126,6 +127,9 @@ def substitutions(settings: GatewaySettings) -> dict[str, str]:
         "MAX_REQUEST_BYTES_END": str(settings.max_request_bytes + 1),
         "MAX_BODY_BYTES_END": str(settings.max_body_bytes + 1),
         "CORS_POLICY": _q(cors_policy(settings)),
+        # With origins listed, whether a response carries CORS headers (and which origin)
+        # depends on the request's Origin: say so to caches. Empty (not added) without origins.
+        "VARY_ORIGIN": _q("Origin" if settings.origins else ""),
         "HSTS_VALUE": _q(HSTS_VALUE if settings.hsts else ""),
         "MAX_CONNECTIONS": str(settings.max_connections),
         "MAX_HEAP_BYTES": str(settings.max_heap_bytes),
@@ -136,6 +140,20 @@ def substitutions(settings: GatewaySettings) -> dict[str, str]:
         "RATE_LIMIT_FAIL_CLOSED": _q(settings.rate_limit_fail_closed),
         "RATE_LIMIT_PERCENT": "100" if settings.rate_limit else "0",
     }
+
+
+def config_warnings(settings: GatewaySettings) -> list[str]:
+    """Settings that work but weaken the edge, one sentence each (render prints them)."""
+    warnings: list[str] = []
+    if not settings.rate_limit and settings.admin_credential_configured:
+        # Failed admin attempts are counted by the quota service's rate limit service, which
+        # Envoy only asks while the check is on (as it does not when it fails open).
+        warnings.append(
+            "GATEWAY_RATE_LIMIT=false while an admin credential is configured (a JWT key, so "
+            "the admin role claim, or GENMESH_ADMIN_TOKEN): failed admin attempts are neither "
+            "throttled nor blocked, so the admin credential can be guessed at full speed"
+        )
+    return warnings
 
 
 def render(settings: GatewaySettings | None = None) -> str:
@@ -186,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
             where = ".".join(str(part) for part in error["loc"]) or "settings"
             sys.stderr.write(f"gateway: {where}: {error['msg']}\n")
         raise SystemExit(2) from None
+    for warning in config_warnings(settings):
+        sys.stderr.write(f"gateway: warning: {warning}\n")
     config = render(settings)
     if args.out is None:
         if args.exec:

@@ -16,9 +16,10 @@ DEFAULT_DESCRIPTOR_SET = REPO_ROOT / "gen" / "genmesh.pb"
 
 # A host is an IPv4/IPv6 address or a DNS name; nothing that could mean something to YAML.
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
-# An origin as browsers send it: scheme://host[:port], nothing after.
+# An origin: scheme://host[:port], nothing after (scheme and host in any case).
 _ORIGIN_RE = re.compile(
-    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$",
+    re.IGNORECASE,
 )
 # A claim path such as "app_metadata.role": JSON names separated by dots.
 _CLAIM_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -44,6 +45,19 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 def _split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _normalise_origin(origin: str) -> str:
+    """An origin as browsers serialise it in the Origin header, which Envoy matches exactly:
+    scheme and host in lower case (both are case-insensitive, so "https://App.Example.com"
+    names the same site) and no default port ("https://app.example.com:443" is sent as
+    "https://app.example.com")."""
+    origin = origin.lower()
+    scheme = origin.split("://", 1)[0]
+    return origin.removesuffix(_DEFAULT_PORTS[scheme])
 
 
 class GatewaySettings(BaseSettings):
@@ -105,7 +119,8 @@ class GatewaySettings(BaseSettings):
         default=64 * 1024, ge=1024, le=64 * 1024 * 1024, alias="GATEWAY_MAX_BODY_BYTES"
     )
     # Web origins allowed to call the API from a browser (CORS), comma-separated, as
-    # "https://app.example.com". Empty: same-origin only (no CORS headers are sent).
+    # "https://app.example.com". Empty: same-origin only (no CORS headers are sent). Kept as
+    # browsers send them (see _normalise_origin): lower case, without a default port.
     cors_origins: str = Field(default="", alias="GATEWAY_CORS_ORIGINS")
     # Send Strict-Transport-Security (two years, subdomains). Only behind TLS: production.
     hsts: bool = Field(default=False, alias="GATEWAY_HSTS")
@@ -120,6 +135,9 @@ class GatewaySettings(BaseSettings):
     # Rate limits and blocks from the quota service (Envoy's rate limit service API); false
     # turns the check off (the filter stays but asks nothing).
     rate_limit: bool = Field(default=True, alias="GATEWAY_RATE_LIMIT")
+    # The services' `x-admin-token` credential. Envoy never sees it (the services compare it):
+    # it is read here only so render can warn when failed admin attempts go unthrottled.
+    admin_token: SecretStr = Field(default=SecretStr(""), alias="GENMESH_ADMIN_TOKEN")
     # How long Envoy waits for the rate-limit decision before letting the request pass.
     rate_limit_timeout_ms: int = Field(
         default=100, ge=1, le=10_000, alias="GATEWAY_RATE_LIMIT_TIMEOUT_MS"
@@ -187,10 +205,14 @@ class GatewaySettings(BaseSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
+        origins: list[str] = []
         for origin in _split_list(value):
             if not _ORIGIN_RE.fullmatch(origin):
                 raise ValueError(f"expected origins like https://app.example.com, got {origin!r}")
-        return value
+            normalised = _normalise_origin(origin)
+            if normalised not in origins:
+                origins.append(normalised)
+        return ", ".join(origins)
 
     @field_validator("admin_role_claim")
     @classmethod
@@ -215,6 +237,12 @@ class GatewaySettings(BaseSettings):
     @property
     def has_keys(self) -> bool:
         return bool(self.supabase_jwt_secret.get_secret_value() or self.jwks_url or self.jwks_file)
+
+    @property
+    def admin_credential_configured(self) -> bool:
+        """Whether an admin credential may open /api/admin/... here: a token whose role claim
+        says admin (any configured key can sign one), or GENMESH_ADMIN_TOKEN."""
+        return self.has_keys or bool(self.admin_token.get_secret_value())
 
     @property
     def issuer(self) -> str:

@@ -35,6 +35,9 @@ RETRYABLE_STATUSES = BREAKER_STATUSES | {408, 409}
 # When the upstream is unavailable without saying for how long.
 DEFAULT_RETRY_AFTER_SECONDS = 2.0
 MAX_MESSAGE_CHARS = 300
+# What a client is told when the model API refuses its input (400, 413, 422): fixed text,
+# never the upstream's own message, which is logged instead.
+REJECTED_MESSAGE = "the model refused the request"
 
 
 class UpstreamError(Exception):
@@ -123,11 +126,18 @@ def map_openai_error(exc: openai.OpenAIError) -> UpstreamError:
         status = exc.status_code
         retry_after = retry_after_from_headers(exc.response.headers)
         if status in (400, 413, 422):
+            # The upstream's own words stay in our logs (with the trace and span ids): they
+            # may name the model, its limits or the provider, none of the client's business.
+            log.warning(
+                "the model API rejected the request (HTTP %d): %s",
+                status,
+                _upstream_message(exc),
+            )
             return UpstreamError(
                 ServiceError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     Reason.UPSTREAM_REJECTED,
-                    f"the model rejected the request: {_upstream_message(exc)}",
+                    REJECTED_MESSAGE,
                 ),
                 counts_as_failure=False,
                 retryable=False,

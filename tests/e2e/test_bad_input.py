@@ -5,14 +5,18 @@ as plain data."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import struct
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from PIL import Image
 
 from services.common.errors import MAX_FIELD_VIOLATIONS
 from tests.e2e.conftest import RunningMesh
@@ -213,6 +217,56 @@ def test_a_decompression_bomb_is_refused(
     assert len(image) < 200
     r = http.post("/api/generate", json=generate_with(image, media_type))
     assert "pixels" in assert_refused(r, "image_data")
+
+
+# The largest image_data the API takes (protos/genmesh/generation/v1/generation.proto,
+# bytes.max_len), and the generate routes' body limit (GATEWAY_MAX_REQUEST_BYTES, default).
+IMAGE_DATA_LIMIT = 5 * 1024 * 1024
+GENERATE_BODY_LIMIT = 8 * 1024 * 1024
+
+
+def png_of_size(size: int) -> bytes:
+    """A valid PNG of exactly `size` bytes: a tiny real image whose bulk is a private
+    ancillary chunk after its pixel data, which decoders skip (its header stays 3x2)."""
+    image = real_image("image/png")
+    iend = image.rindex(b"IEND") - 4  # the IEND chunk, with its length field
+    padding = size - len(image) - 12  # a chunk adds length, type and CRC around its data
+    assert padding >= 0
+    data = b"\x00" * padding
+    chunk = (
+        struct.pack(">I", padding)
+        + b"grAy"  # lower-case first letter: ancillary, safe to ignore
+        + data
+        + struct.pack(">I", zlib.crc32(b"grAy" + data) & 0xFFFFFFFF)
+    )
+    padded = image[:iend] + chunk + image[iend:]
+    assert len(padded) == size
+    return padded
+
+
+def test_image_bytes_over_the_limit_are_refused_naming_image_data(http: httpx.Client) -> None:
+    """One byte over the 5 MiB of image_data: the body still fits the generate routes' limit,
+    so Envoy passes it on and protovalidate refuses it (a 413 from Envoy would prove nothing
+    about the field's limit)."""
+    image = png_of_size(IMAGE_DATA_LIMIT + 1)
+    assert Image.open(io.BytesIO(image)).size == (3, 2)  # a valid image: only its size is wrong
+    body = compact(generate_with(image, "image/png"))
+    assert len(body) < GENERATE_BODY_LIMIT
+    r = post_json(http, "/api/generate", body)
+    description = assert_refused(r, "image_data")
+    assert str(IMAGE_DATA_LIMIT) in description, description
+    assert len(r.content) < 8192
+
+
+def test_an_image_at_the_limit_is_answered(http: httpx.Client) -> None:
+    """Exactly 5 MiB of image, through Envoy at its default limits (about 6.7 MiB as base64
+    JSON) and on to the model."""
+    image = png_of_size(IMAGE_DATA_LIMIT)
+    body = compact(generate_with(image, "image/png"))
+    assert len(body) < GENERATE_BODY_LIMIT
+    r = post_json(http, "/api/generate", body)
+    assert r.status_code == 200, (r.status_code, r.text[:500])
+    assert "image/png" in r.json()["text"]
 
 
 @pytest.mark.parametrize("media_type", IMAGE_TYPES)

@@ -3,11 +3,17 @@ trace across the mesh."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 import uuid
 
+import asyncpg
 import grpc
+import httpx
 import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -15,6 +21,7 @@ from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
 from genmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.errors import Reason, error_info_from_call
+from services.gateway.settings import DEFAULT_DESCRIPTOR_SET
 from tests.e2e.conftest import RunningMesh
 
 pytestmark = pytest.mark.e2e
@@ -88,6 +95,85 @@ async def test_internal_rpcs_are_not_reachable_through_the_gateway(mesh: Running
                 timeout=5,
             )
     assert caught.value.code() != grpc.StatusCode.OK
+
+
+def unannotated_methods() -> list[str]:
+    """The gRPC path of every genmesh method without a google.api.http rule: internal RPCs,
+    which have no REST route."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(DEFAULT_DESCRIPTOR_SET.read_bytes())
+    return sorted(
+        f"/{file.package}.{service.name}/{rpc.name}"
+        for file in fds.file
+        if file.package.startswith("genmesh.")
+        for service in file.service
+        for rpc in service.method
+        if not rpc.options.HasExtension(annotations_pb2.http)
+    )
+
+
+# Other gRPC services the mesh's services serve, none of them for the public.
+OTHER_GRPC_METHODS = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
+    # A public method by its gRPC path: only its REST route reaches it.
+    "/genmesh.telemetry.v1.TelemetryService/GetHealth",
+]
+
+
+async def test_internal_rpcs_are_not_reachable_as_rest_through_the_gateway(
+    mesh: RunningMesh, http: httpx.Client, database_url: str
+) -> None:
+    """POSTing JSON to an internal RPC's gRPC path is a 404 with a JSON error from Envoy; the
+    service never sees it (a security event sent that way is not stored)."""
+    internal = unannotated_methods()
+    assert {
+        "/genmesh.quota.v1.QuotaService/ReserveQuota",
+        "/genmesh.quota.v1.QuotaService/SettleReservation",
+        "/genmesh.telemetry.v1.TelemetryService/RecordSecurityEvent",
+        "/genmesh.stats.v1.StatsService/GetStats",
+        "/genmesh.stats.v1.StatsCollectorService/ReportStats",
+    } <= set(internal), internal
+    forged = f"forged_{uuid.uuid4().hex[:12]}"
+    bodies: dict[str, dict[str, object]] = {
+        "/genmesh.telemetry.v1.TelemetryService/RecordSecurityEvent": {
+            "event_type": forged,
+            "severity": "SEVERITY_CRITICAL",
+            "ip": "203.0.113.7",
+        },
+        "/genmesh.quota.v1.QuotaService/ReserveQuota": {"caller": {"client_ip": "203.0.113.7"}},
+    }
+    for path in [*internal, *OTHER_GRPC_METHODS]:
+        r = http.post(path, json=bodies.get(path, {}))
+        assert r.status_code == 404, (path, r.status_code, r.text[:300])
+        assert r.headers["content-type"].startswith("application/json"), path
+        body = r.json()
+        assert body["code"] == 5, (path, body)
+        assert [d["reason"] for d in body["details"]] == ["NOT_FOUND"], (path, body)
+    # The same event sent by an internal caller, straight to telemetry, is stored: the query
+    # below would see the forged one had it got through.
+    control = f"control_{uuid.uuid4().hex[:12]}"
+    async with grpc.aio.insecure_channel(mesh.config.telemetry_addr) as channel:
+        await telemetry_pb2_grpc.TelemetryServiceStub(channel).RecordSecurityEvent(
+            telemetry_pb2.RecordSecurityEventRequest(
+                event_type=control, severity=telemetry_pb2.SEVERITY_LOW, ip="203.0.113.7"
+            ),
+            timeout=10,
+        )
+    conn = await asyncpg.connect(database_url)
+    try:
+        query = "SELECT event_type FROM security_events WHERE event_type = ANY($1::text[])"
+        deadline = time.monotonic() + 10
+        stored: list[str] = []
+        while time.monotonic() < deadline:
+            stored = [row["event_type"] for row in await conn.fetch(query, [forged, control])]
+            if control in stored:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    assert stored == [control]
 
 
 async def test_an_internal_callers_trace_runs_to_postgres_redis_and_the_model(

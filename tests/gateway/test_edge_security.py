@@ -84,7 +84,8 @@ async def jwks_file_gateway(
         "",
         MAX_BYTES,
         GATEWAY_JWKS_FILE=str(jwks),
-        GATEWAY_CORS_ORIGINS=f"{ORIGIN}, http://localhost:5173",
+        # Spelt as an operator might: browsers send it as http://localhost:5173.
+        GATEWAY_CORS_ORIGINS=f"{ORIGIN}, HTTP://LocalHost:5173",
     )
     yield running
     stop(process)
@@ -245,9 +246,76 @@ async def test_preflight_from_an_allowed_origin_is_answered_by_envoy(
     assert r.headers["access-control-allow-origin"] == ORIGIN
     assert r.headers["access-control-allow-credentials"] == "true"
     assert "POST" in r.headers["access-control-allow-methods"]
-    assert "authorization" in r.headers["access-control-allow-headers"]
+    assert "authorization" in allowed_headers(r)
     assert r.headers["access-control-max-age"] == "600"
     assert len(upstream.telemetry.calls) == before
+
+
+def allowed_headers(response: httpx.Response) -> list[str]:
+    return [h.strip().lower() for h in response.headers["access-control-allow-headers"].split(",")]
+
+
+async def test_a_preflight_for_cache_control_is_allowed(jwks_file_gateway: Gateway) -> None:
+    """A page asking generate for a fresh answer (Cache-Control: no-cache) preflights that
+    header; the browser sends the request only if the answer lists it."""
+    async with httpx.AsyncClient(base_url=jwks_file_gateway.url, timeout=20) as http:
+        r = await http.options(
+            "/api/generate",
+            headers={
+                "origin": ORIGIN,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "cache-control, content-type",
+            },
+        )
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert {"cache-control", "content-type"} <= set(allowed_headers(r))
+
+
+async def test_an_origin_configured_in_another_case_matches_what_browsers_send(
+    jwks_file_gateway: Gateway,
+) -> None:
+    """GATEWAY_CORS_ORIGINS says HTTP://LocalHost:5173; browsers send http://localhost:5173
+    (scheme and host are case-insensitive, and serialised in lower case)."""
+    browser = "http://localhost:5173"
+    async with httpx.AsyncClient(base_url=jwks_file_gateway.url, timeout=20) as http:
+        preflight = await http.options(
+            "/api/generate",
+            headers={"origin": browser, "access-control-request-method": "POST"},
+        )
+        simple = await http.get("/api/health", headers={"origin": browser})
+    assert preflight.status_code == 200, preflight.text
+    for r in (preflight, simple):
+        assert r.headers["access-control-allow-origin"] == browser
+        assert r.headers["access-control-allow-credentials"] == "true"
+
+
+async def test_responses_vary_by_origin_when_origins_are_listed(
+    jwks_file_gateway: Gateway, client: httpx.AsyncClient
+) -> None:
+    """Whether a response carries CORS headers, and which origin, depends on Origin: a shared
+    cache must not hand one origin's answer to another. Envoy's cors filter says nothing about
+    it; the gateway adds Vary: Origin to every response, the preflight's and errors included."""
+    async with httpx.AsyncClient(base_url=jwks_file_gateway.url, timeout=20) as http:
+        responses = {
+            "preflight": await http.options(
+                "/api/generate",
+                headers={"origin": ORIGIN, "access-control-request-method": "POST"},
+            ),
+            "allowed": await http.get("/api/health", headers={"origin": ORIGIN}),
+            "foreign": await http.get("/api/health", headers={"origin": "https://evil.example"}),
+            "no origin": await http.get("/api/health"),
+            "401": await http.get(
+                "/api/health", headers={"origin": ORIGIN, "authorization": "Bearer garbage"}
+            ),
+            "404": await http.get("/api/nope", headers={"origin": ORIGIN}),
+        }
+    for name, r in responses.items():
+        assert r.headers.get_list("vary") == ["Origin"], (name, r.status_code, r.headers)
+    # Without origins nothing depends on Origin (same-origin only): no Vary.
+    r = await client.get("/api/health", headers={"origin": ORIGIN})
+    assert r.status_code == 200
+    assert "vary" not in r.headers
 
 
 async def test_a_foreign_origin_gets_no_cors_headers(jwks_file_gateway: Gateway) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import httpx
@@ -18,6 +19,7 @@ from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from tests.gateway.harness import (
     BODY_BYTES,
     GRPC_PLUMBING,
+    ISSUER,
     MAX_BYTES,
     SECRET,
     SECURITY_HEADERS,
@@ -141,6 +143,18 @@ async def test_a_token_without_email_leaves_no_email_header(client: httpx.AsyncC
     assert "x-genmesh-user-email" not in seen
 
 
+def valid_claims(claims: dict[str, Any]) -> dict[str, Any]:
+    """`claims` with the issuer, audience and life that `token()` gives a token the gateway
+    accepts."""
+    now = int(time.time())
+    return {"iss": ISSUER, "aud": "authenticated", "iat": now, "exp": now + 600, **claims}
+
+
+def unsigned(claims: dict[str, Any]) -> str:
+    """An `alg: none` token: header, claims and an empty signature."""
+    return f"{b64url({'alg': 'none', 'typ': 'JWT'})}.{b64url(claims)}."
+
+
 @pytest.mark.parametrize(
     "bearer",
     [
@@ -149,9 +163,9 @@ async def test_a_token_without_email_leaves_no_email_header(client: httpx.AsyncC
         ),
         pytest.param(token({"sub": "u", "exp": int(time.time()) - 3600}), id="expired"),
         pytest.param(jwt.encode({"sub": "u"}, SECRET, algorithm="HS256"), id="no-expiry"),
-        pytest.param(
-            f"{b64url({'alg': 'none', 'typ': 'JWT'})}.{b64url({'sub': 'u'})}.", id="alg-none"
-        ),
+        # Claims that pass every other check (see the alg-none test below): only the
+        # algorithm can refuse it.
+        pytest.param(unsigned(valid_claims({"sub": "u"})), id="alg-none"),
         pytest.param("garbage", id="garbage"),
     ],
 )
@@ -161,6 +175,27 @@ async def test_bad_tokens_are_401_json(
     before = len(upstream.telemetry.calls)
     r = await client.get("/api/health", headers={"authorization": f"Bearer {bearer}"})
     assert_json_error(r, 401, 16, "UNAUTHENTICATED")
+    assert len(upstream.telemetry.calls) == before
+
+
+async def test_alg_none_is_refused_for_its_algorithm_alone(
+    client: httpx.AsyncClient, upstream: Upstream
+) -> None:
+    """The same claims are accepted when signed with the secret, so the 401 of the unsigned
+    token can only come from `alg: none` (not an issuer, audience or expiry check)."""
+    claims = valid_claims({"sub": "user-alg-none", "email": "alg@example.com"})
+    signed = jwt.encode(claims, SECRET, algorithm="HS256")
+    seen = echoed(await client.get("/api/health", headers={"authorization": f"Bearer {signed}"}))
+    assert seen["x-genmesh-user-id"] == "user-alg-none"
+    before = len(upstream.telemetry.calls)
+    # The signed token's own header and claims with alg none, with and without its signature.
+    _, payload, signature = signed.split(".")
+    assert jwt.get_unverified_header(signed)["alg"] == "HS256"
+    forged = f"{b64url({'alg': 'none', 'typ': 'JWT'})}.{payload}"
+    for bearer in (unsigned(claims), f"{forged}.", f"{forged}.{signature}"):
+        assert jwt.decode(bearer, options={"verify_signature": False}) == claims
+        r = await client.get("/api/health", headers={"authorization": f"Bearer {bearer}"})
+        assert_json_error(r, 401, 16, "UNAUTHENTICATED")
     assert len(upstream.telemetry.calls) == before
 
 

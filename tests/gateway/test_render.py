@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.api import annotations_pb2
@@ -18,6 +19,7 @@ from pydantic import SecretStr, ValidationError
 from services.gateway.render import (
     HSTS_VALUE,
     GatewaySettings,
+    config_warnings,
     envoy_command,
     render,
     split_addr,
@@ -478,3 +480,148 @@ def test_cli_writes_an_owner_only_file(tmp_path: Path, descriptor_set: Path) -> 
     config = load(out.read_text())
     listener = config["static_resources"]["listeners"][0]
     assert listener["address"]["socket_address"]["port_value"] == 18081
+
+
+# -- CORS ----------------------------------------------------------------------------------------
+
+
+def response_header_values(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The header_mutation filter's response headers: name -> (value, append action)."""
+    mutations = http_filter(config, "envoy.filters.http.header_mutation")["mutations"]
+    return {
+        m["append"]["header"]["key"]: (m["append"]["header"]["value"], m["append"]["append_action"])
+        for m in mutations["response_mutations"]
+        if "append" in m
+    }
+
+
+def test_cors_lets_browsers_send_cache_control(clean_env: pytest.MonkeyPatch) -> None:
+    """generate honours Cache-Control: no-cache / no-store, so a page must be allowed to send it."""
+    clean_env.setenv("GATEWAY_CORS_ORIGINS", "https://app.example.com")
+    allowed = [h.strip() for h in cors(load(render(GatewaySettings())))["allow_headers"].split(",")]
+    assert allowed == [
+        "authorization",
+        "cache-control",
+        "content-type",
+        "idempotency-key",
+        "x-request-id",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("configured", "matched"),
+    [
+        ("https://App.Example.COM", ["https://app.example.com"]),
+        ("HTTP://LocalHost:5173", ["http://localhost:5173"]),
+        # Browsers leave the default port out of Origin.
+        ("https://app.example.com:443", ["https://app.example.com"]),
+        ("http://app.example.com:80", ["http://app.example.com"]),
+        ("https://app.example.com:80", ["https://app.example.com:80"]),
+        ("http://[FD00::1]:8080", ["http://[fd00::1]:8080"]),
+        # One entry per origin however it was spelt.
+        (
+            "https://a.example, HTTPS://A.EXAMPLE:443, https://b.example",
+            ["https://a.example", "https://b.example"],
+        ),
+    ],
+)
+def test_configured_origins_are_matched_as_browsers_send_them(
+    clean_env: pytest.MonkeyPatch, configured: str, matched: list[str]
+) -> None:
+    clean_env.setenv("GATEWAY_CORS_ORIGINS", configured)
+    settings = GatewaySettings()
+    assert settings.origins == matched
+    assert cors(load(render(settings)))["allow_origin_string_match"] == [
+        {"exact": origin} for origin in matched
+    ]
+
+
+def test_vary_origin_only_when_origins_are_listed(clean_env: pytest.MonkeyPatch) -> None:
+    # No origins: responses never depend on Origin, and an empty value is not added.
+    assert response_header_values(load(render(GatewaySettings())))["vary"] == (
+        "",
+        "APPEND_IF_EXISTS_OR_ADD",
+    )
+    clean_env.setenv("GATEWAY_CORS_ORIGINS", "https://app.example.com")
+    # Appended, so a Vary a service sent is kept.
+    assert response_header_values(load(render(GatewaySettings())))["vary"] == (
+        "Origin",
+        "APPEND_IF_EXISTS_OR_ADD",
+    )
+
+
+# -- warnings ------------------------------------------------------------------------------------
+
+ADMIN_WARNING = "GATEWAY_RATE_LIMIT=false while an admin credential is configured"
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        ({}, False),  # the check is on: failed admin attempts are throttled
+        ({"SUPABASE_JWT_SECRET": SECRET, "SUPABASE_URL": SUPABASE_URL}, False),
+        # The check is off and a key can sign a token with the admin role claim.
+        (
+            {
+                "GATEWAY_RATE_LIMIT": "false",
+                "SUPABASE_JWT_SECRET": SECRET,
+                "SUPABASE_URL": SUPABASE_URL,
+            },
+            True,
+        ),
+        (
+            {
+                "GATEWAY_RATE_LIMIT": "false",
+                "GATEWAY_JWKS_FILE": "/etc/genmesh/jwks.json",
+                "SUPABASE_URL": SUPABASE_URL,
+            },
+            True,
+        ),
+        ({"GATEWAY_RATE_LIMIT": "false", "GENMESH_ADMIN_TOKEN": "t0ken"}, True),
+        # No key and no admin token: nothing can open the admin routes.
+        ({"GATEWAY_RATE_LIMIT": "false"}, False),
+    ],
+)
+def test_a_warning_when_admin_guessing_would_go_unthrottled(
+    clean_env: pytest.MonkeyPatch, env: dict[str, str], warned: bool
+) -> None:
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    warnings = config_warnings(GatewaySettings())
+    assert [ADMIN_WARNING in w for w in warnings] == ([True] if warned else [])
+
+
+def test_the_cli_prints_the_warning_and_still_renders(tmp_path: Path, descriptor_set: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_ENV}
+    env |= {
+        "SUPABASE_JWT_SECRET": SECRET,
+        "SUPABASE_URL": SUPABASE_URL,
+        "GATEWAY_RATE_LIMIT": "false",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.gateway.render", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"gateway: warning: {ADMIN_WARNING}")
+    assert "guessed at full speed" in line
+    assert SECRET not in done.stderr
+    assert out.exists()
+    # On by default: no warning.
+    env.pop("GATEWAY_RATE_LIMIT")
+    quiet = subprocess.run(
+        [sys.executable, "-m", "services.gateway.render", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert quiet.stderr == ""

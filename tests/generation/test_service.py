@@ -266,6 +266,9 @@ async def test_upstream_400_is_rejected_input_and_does_not_count_against_the_bre
             await g.stub.Generate(prompt(), metadata=g.guest)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert service_error(caught.value).reason == "UPSTREAM_REJECTED"
+        # Fixed text: what the model API said ("Injected by the simulator.") stays in our logs.
+        assert caught.value.details() == "the model refused the request"
+        assert service_error(caught.value).message == "the model refused the request"
         assert g.service.components.breaker.snapshot().state == "closed"
         assert (await quota.of_guest(g.ip)).used == 0
 

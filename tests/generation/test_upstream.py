@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import logging
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from services.common.errors import ServiceError
 from services.generation.upstream import ImageInput, Prompt
 from services.generation.upstream_errors import (
+    REJECTED_MESSAGE,
     UpstreamError,
     error_type,
     map_openai_error,
@@ -62,8 +64,32 @@ def test_rejected_input_is_invalid_argument(status: int) -> None:
     mapped = map_openai_error(status_error(status))
     assert mapped.error.code is grpc.StatusCode.INVALID_ARGUMENT
     assert mapped.error.reason == "UPSTREAM_REJECTED"
-    assert f"boom {status}" in mapped.error.message or "Error code" in mapped.error.message
     assert not mapped.counts_as_failure
+
+
+# What a model API may say when it refuses input: its model names, limits and internals.
+UPSTREAM_WORDS = "Error code: 400 - This model's maximum context length is 8192 tokens (gpt-x-0613)"
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_the_upstreams_refusal_text_is_logged_and_never_reaches_the_client(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = httpx2.Response(status, request=REQUEST)
+    body = {"message": "maximum context length is 8192 tokens", "type": "invalid_request_error"}
+    exc = openai.APIStatusError(UPSTREAM_WORDS, response=response, body=body)
+    with caplog.at_level(logging.WARNING, logger="services.generation.upstream_errors"):
+        mapped = map_openai_error(exc)
+    assert mapped.error.message == REJECTED_MESSAGE == "the model refused the request"
+    client_sees = str(mapped.error.to_status_proto())  # all the client gets
+    for leak in ("8192", "gpt-x", "context length", "Error code"):
+        assert leak not in client_sees
+        assert leak not in str(mapped)
+    # Operators still see what the upstream said, once, with the status.
+    (record,) = [r for r in caplog.records if r.name == "services.generation.upstream_errors"]
+    assert record.levelno == logging.WARNING
+    assert UPSTREAM_WORDS in record.getMessage()
+    assert f"HTTP {status}" in record.getMessage()
 
 
 def test_timeouts_and_connection_errors() -> None:
