@@ -1,9 +1,12 @@
 """`make run`: find or start PostgreSQL and Redis, migrate, start the whole mesh, print where
-everything is, and stop every process it started on Ctrl-C or SIGTERM."""
+everything is, and stop every process it started on Ctrl-C, SIGTERM or SIGHUP (its terminal
+closing). Should it die without that chance (SIGKILL), every child gets a signal as it dies
+(infra.die_with_parent) and stops too."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -18,18 +21,31 @@ from services.common.migrations import create_database_if_missing, migrate
 SCRATCH = REPO / ".run"
 
 
+# What stops the runner (gracefully: every child stopped in order). SIGHUP: the terminal that
+# runs `make run` was closed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def step(message: str) -> None:
-    print(f"==> {message}", flush=True)
+    say(f"==> {message}")
+
+
+def say(message: str) -> None:
+    """Print, unless the terminal is gone (SIGHUP): stopping the children must not fail on it."""
+    with contextlib.suppress(OSError, ValueError):
+        print(message, flush=True)
 
 
 def main() -> int:
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
 
     started: list[infra.Server] = []
     mesh: Mesh | None = None
@@ -42,18 +58,18 @@ def main() -> int:
             if pg.origin == "environment"
             else infra.with_database(pg.url, "genmesh")
         )
-        print(f"    {pg.origin}: {database_url}")
+        say(f"    {pg.origin}: {database_url}")
         step("Redis")
         rd = infra.redis(SCRATCH / "data")
         if rd is None:
-            print(
+            say(
                 "    WARNING: no Redis (REDIS_URL empty, nothing on 127.0.0.1:6379, no "
                 "redis-server installed): quotas, rate limits and the cache use the per-process "
                 "in-memory fallback. Install redis-server or set REDIS_URL for real counts."
             )
         else:
             started.append(rd)
-            print(f"    {rd.origin}: {rd.url}")
+            say(f"    {rd.origin}: {rd.url}")
         step("Migrations")
 
         async def prepare() -> list[str]:
@@ -61,7 +77,7 @@ def main() -> int:
             return await migrate(database_url)
 
         applied = asyncio.run(prepare())
-        print(f"    applied {', '.join(applied)}" if applied else "    up to date")
+        say(f"    applied {', '.join(applied)}" if applied else "    up to date")
 
         config = MeshConfig.from_env(database_url, rd.url if rd else "")
         mesh = Mesh(config)
@@ -73,7 +89,7 @@ def main() -> int:
         mesh.start()
         print_summary(config, time.monotonic() - began)
         stop.wait()
-        step("Stopping (Ctrl-C received)")
+        step(f"Stopping ({signal.Signals(received[0]).name} received)")
         return 0
     except infra.InfraError as err:
         print(f"\nERROR: {err}", file=sys.stderr)
@@ -111,10 +127,10 @@ def print_summary(config: MeshConfig, seconds: float) -> None:
         ("upstream model", upstream),
         ("logs", f"{log_dir}/*.log"),
     ]
-    print(f"\ngenmesh is up in {seconds:.1f}s\n")
+    say(f"\ngenmesh is up in {seconds:.1f}s\n")
     for name, where in rows:
-        print(f"  {name:<22} {where}")
-    print(
+        say(f"  {name:<22} {where}")
+    say(
         f"""
 Try it:
   curl -s {config.gateway_url}/api/generate -H 'content-type: application/json' \\
@@ -124,8 +140,7 @@ Try it:
   grpcurl -plaintext {config.generation_addr} list
 
 Press Ctrl-C to stop everything.
-""",
-        flush=True,
+"""
     )
 
 

@@ -6,12 +6,17 @@ With no Redis at all, the services use their documented in-memory fallback."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +32,40 @@ class InfraError(RuntimeError):
     """A dependency could not be found or started; the message says what to install."""
 
 
+# prctl(2): the signal a process gets when the thread that created it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(death_signal: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get `death_signal` when this process dies, however
+    it dies (SIGKILL included), so nothing `make run` or a test started outlives it. Linux
+    only (PR_SET_PDEATHSIG); None elsewhere, and None off the main thread: the signal follows
+    the *thread* that forked, and a worker thread (asyncio.to_thread) may end long before the
+    process. The setting survives exec (of binaries that are not set-user-ID), and children
+    given a user (`Popen(user=...)`) switch before it is set, which would otherwise clear it.
+
+    A preexec_fn runs Python in the forked child, which is unsafe only if it takes a lock
+    another thread held at the fork: this one imports nothing and calls only sigaction,
+    prctl, getppid and _exit (gRPC's fork handlers, the other risk, are off by default)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        # Until exec the child runs this process's signal handlers: the default action, so a
+        # parent that dies from here on kills the child even before it execs.
+        signal.signal(death_signal, signal.SIG_DFL)
+        if prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(126)
+
+    return arm
+
+
 @dataclass
 class Server:
     """A server to use: `url` points at it; `process` is set when we started it ourselves."""
@@ -37,12 +76,15 @@ class Server:
     process: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     extra_stop: list[list[str]] = field(default_factory=list)
+    # How to ask it to stop (PostgreSQL: SIGINT, its fast shutdown; SIGTERM would wait for
+    # every client to disconnect).
+    stop_signal: int = signal.SIGTERM
 
     def stop(self) -> None:
         for cmd in self.extra_stop:
             subprocess.run(cmd, check=False, capture_output=True, timeout=30)
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -114,23 +156,28 @@ def private_postgres(scratch: Path) -> Server:
             "set DATABASE_URL, start a local server, or install it "
             "(Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql)"
         )
-    as_user: list[str] = []
+    # PostgreSQL refuses to run as root: as root, run it as the postgres user (directly, not
+    # through runuser, whose extra process would stand between it and die_with_parent), in a
+    # folder of its own (it may not be able to reach into root's scratch folders).
+    as_user: dict[str, object] = {}
     if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: run it as the postgres user, in a folder of its
-        # own (it may not be able to reach into root's scratch folders).
-        as_user = ["runuser", "-u", "postgres", "--"]
+        as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
         workdir = Path(tempfile.mkdtemp(prefix="genmesh-postgres-"))
-        shutil.chown(workdir, "postgres")
+        shutil.chown(workdir, "postgres", "postgres")
     else:
         workdir = scratch / "postgres"
         workdir.mkdir(parents=True, exist_ok=True)
+        # What a killed run left (its server died with it): a throwaway, start afresh.
+        shutil.rmtree(workdir / "data", ignore_errors=True)
     data = workdir / "data"
     init = subprocess.run(
-        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
         check=False,
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=workdir,
+        **as_user,  # type: ignore[call-overload]
     )
     if init.returncode != 0:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -138,7 +185,6 @@ def private_postgres(scratch: Path) -> Server:
     port = free_port()
     proc = subprocess.Popen(
         [
-            *as_user,
             server_bin,
             "-D",
             str(data),
@@ -154,6 +200,10 @@ def private_postgres(scratch: Path) -> Server:
         stdout=subprocess.DEVNULL,
         stderr=(workdir / "postgres.log").open("wb"),
         start_new_session=True,
+        cwd=workdir,
+        # Dies with us, by its fast shutdown (sessions ended, a clean stop).
+        preexec_fn=die_with_parent(signal.SIGINT),  # noqa: PLW1509 - see die_with_parent
+        **as_user,  # type: ignore[call-overload]
     )
     _wait_port(port, proc, "postgres")
     return Server(
@@ -162,6 +212,7 @@ def private_postgres(scratch: Path) -> Server:
         "private",
         process=proc,
         workdir=workdir,
+        stop_signal=signal.SIGINT,
     )
 
 
@@ -196,6 +247,7 @@ def _redis_server(binary: str, port: int, workdir: Path, *extra: str) -> subproc
         stdout=(workdir / "redis.log").open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent(),  # noqa: PLW1509 - see die_with_parent
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.infra import InfraError, free_port, port_open
+from devstack.infra import InfraError, die_with_parent, free_port, port_open
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT_SECONDS = 12.0  # each child drains within SHUTDOWN_GRACE_SECONDS; all stop < 15 s
@@ -165,6 +165,7 @@ class Mesh:
         log = self.config.log_dir / f"{name}.log"
         with log.open("ab") as out:
             # Own session: a terminal's Ctrl-C reaches only us, and we stop children in order.
+            # Should we die without stopping them (SIGKILL), they get SIGTERM and stop too.
             proc = subprocess.Popen(
                 argv,
                 cwd=REPO,
@@ -172,6 +173,7 @@ class Mesh:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # noqa: PLW1509 - see die_with_parent
             )
         child = Child(name, proc, log)
         self.children.append(child)

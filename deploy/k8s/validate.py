@@ -6,8 +6,10 @@ For the base, each overlay, and the base with every component (so a component th
 uses is checked too): `kubectl kustomize`, then every object against the Kubernetes OpenAPI JSON
 schemas that the kubernetes-validate wheel bundles (strict: an unknown or misplaced field is an
 error; no network, no cluster), then the project's own rules (hardened pods, probes on the right
-ports, Envoy's admin API never exposed, termination budgets, no secret values). Prints a
-summary; exits 1 if anything fails, 2 if kubectl is missing.
+ports, Envoy's admin API never exposed, termination budgets that cover the longest request,
+Envoy's drain, migrations before the services with their own credentials, no secret values,
+and a production overlay with a disruption budget, an autoscaler and network policies for
+every Deployment). Prints a summary; exits 1 if anything fails, 2 if kubectl is missing.
 """
 
 from __future__ import annotations
@@ -70,7 +72,19 @@ STOP_MARGIN_SECONDS = 5
 FAKE_MARKERS = ("fake", "dev-only", "insecure")
 # Environment variable names that carry credentials: they must come from a Secret.
 SECRET_NAME_RE = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|DATABASE_URL|REDIS_URL)$")
-POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet", "CronJob"}
+# The longest deadline the gateway gives a call (GATEWAY_GENERATE_TIMEOUT_SECONDS's default;
+# streams get the same unless GATEWAY_GENERATE_STREAM_TIMEOUT_SECONDS is set).
+GATEWAY_DEFAULT_GENERATE_TIMEOUT_SECONDS = 60
+# Envoy's drain (the gateway's preStop hook and the options it relies on).
+ENVOY_DRAIN_PATH = "/drain_listeners?graceful"
+# The Secret key of the migrator role (owns the schema): only the migrations and the partition
+# maintenance may read it; the services connect with DATABASE_URL (data rights only).
+MIGRATE_SECRET_KEY = "MIGRATE_DATABASE_URL"  # noqa: S105 - a key name, not a value
+MIGRATE_COMMAND = ["python3", "-m", "services.common.migrations"]
+RETENTION_CRONJOB = "events-retention"
+# What generation's autoscaler follows: the upstream calls in flight per pod.
+GENERATION_SCALING_METRIC = "genmesh_generation_inflight"
 
 
 @dataclass(frozen=True)
@@ -85,12 +99,14 @@ class Target:
     # Applied as is (an overlay), not a building block: every setting a workload needs in
     # order to start must be there (the gateway's JWT issuer).
     deployable: bool = False
+    # Production: every Deployment has a disruption budget, an autoscaler and network policies.
+    production: bool = False
 
 
 TARGETS = (
     Target("base", "base"),
     Target("overlays/dev", "overlays/dev", fake_secrets_allowed=True, deployable=True),
-    Target("overlays/prod", "overlays/prod", deployable=True),
+    Target("overlays/prod", "overlays/prod", deployable=True, production=True),
     Target("all-components", None),
 )
 
@@ -187,11 +203,22 @@ def schema_errors(objects: list[Obj], version: str) -> list[str]:
 # --- the project's rules ---------------------------------------------------------------------
 
 
-def pod_spec(obj: Obj) -> Obj | None:
+def pod_template(obj: Obj) -> Obj | None:
+    if obj.get("kind") == "CronJob":
+        template: Obj = obj["spec"]["jobTemplate"]["spec"]["template"]
+        return template
     if obj.get("kind") in POD_TEMPLATE_KINDS:
-        spec: Obj = obj["spec"]["template"]["spec"]
-        return spec
+        template = obj["spec"]["template"]
+        return template
     return None
+
+
+def pod_spec(obj: Obj) -> Obj | None:
+    template = pod_template(obj)
+    if template is None:
+        return None
+    spec: Obj = template["spec"]
+    return spec
 
 
 def containers(spec: Obj) -> Iterator[Obj]:
@@ -331,6 +358,12 @@ def grpc_service_errors(objects: list[Obj], svc: GrpcService) -> list[str]:
     if not pre_stop_seconds:
         errors.append(f"{name}: needs a preStop sleep so endpoints go before the drain")
     grace = float(settings.get("SHUTDOWN_GRACE_SECONDS", "10"))
+    if svc.name == "generation" and grace < (longest := longest_deadline(objects)):
+        errors.append(
+            f"{name}: SHUTDOWN_GRACE_SECONDS {grace:g} must cover the longest generate deadline "
+            f"({longest} s, the gateway's GATEWAY_GENERATE_[STREAM_]TIMEOUT_SECONDS): a stream "
+            "that started before SIGTERM must be able to finish"
+        )
     budget = (pre_stop_seconds or 0) + grace + STOP_MARGIN_SECONDS
     period = spec.get("terminationGracePeriodSeconds", 30)
     if period < budget:
@@ -382,6 +415,73 @@ def memory_bytes(quantity: object) -> int | None:
     if match is None:
         return None
     return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+def longest_deadline(objects: list[Obj]) -> int:
+    """The longest deadline the gateway gives a call: Generate's, or StreamGenerate's when set."""
+    gateway = find(objects, "Deployment", GATEWAY_NAME)
+    if gateway is None:
+        return GATEWAY_DEFAULT_GENERATE_TIMEOUT_SECONDS
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    settings = config_map_values(objects, container)
+    unary = int(
+        settings.get("GATEWAY_GENERATE_TIMEOUT_SECONDS") or GATEWAY_DEFAULT_GENERATE_TIMEOUT_SECONDS
+    )
+    stream = int(settings.get("GATEWAY_GENERATE_STREAM_TIMEOUT_SECONDS") or unary)
+    return max(unary, stream)
+
+
+def option_value(argv: list[str], option: str) -> str | None:
+    """The value after `option` in a command line (`--opt value` or `--opt=value`)."""
+    for index, arg in enumerate(argv):
+        if arg == option and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(option + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def gateway_drain_errors(objects: list[Obj], deployment: Obj, container: Obj) -> list[str]:
+    """Envoy exits at once on SIGTERM, so its preStop hook drains it: POST
+    /drain_listeners?graceful, then wait (args: the endpoint-removal delay, the most it waits)
+    until no request is in flight. Envoy must close connections at once from the drain
+    (--drain-strategy immediate) and keep its listeners accepting for longer than the hook
+    waits (--drain-time-s), the hook must outlast the longest request, and the grace period
+    the hook."""
+    name = "Deployment/gateway"
+    command = [str(a) for a in container.get("command", []) + container.get("args", [])]
+    drain_time = option_value(command, "--drain-time-s")
+    errors = []
+    if option_value(command, "--drain-strategy") != "immediate":
+        errors.append(f"{name}: Envoy needs --drain-strategy immediate")
+    if drain_time is None or not drain_time.isdigit():
+        return [*errors, f"{name}: Envoy needs an explicit --drain-time-s"]
+    hook = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    hook = [str(a) for a in hook]
+    if not any(ENVOY_DRAIN_PATH in a for a in hook) or len(hook) < 2:
+        return [*errors, f"{name}: the preStop hook must POST {ENVOY_DRAIN_PATH} and wait"]
+    try:
+        settle, limit = float(hook[-2]), float(hook[-1])
+    except ValueError:
+        return [*errors, f"{name}: the preStop hook ends with <settle seconds> <limit seconds>"]
+    longest = longest_deadline(objects)
+    if limit < settle + longest:
+        errors.append(
+            f"{name}: the preStop drain waits at most {limit:g} s < {settle:g} s (endpoint "
+            f"removal) + {longest} s (the longest generate deadline)"
+        )
+    if int(drain_time) < limit:
+        errors.append(
+            f"{name}: --drain-time-s {drain_time} < the preStop's {limit:g} s: the listeners "
+            "would close (and liveness fail) while requests still drain"
+        )
+    period = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    if period < limit + STOP_MARGIN_SECONDS:
+        errors.append(
+            f"{name}: terminationGracePeriodSeconds {period} < the preStop drain {limit:g} s + "
+            f"{STOP_MARGIN_SECONDS}"
+        )
+    return errors
 
 
 def secret_keys(container: Obj) -> set[str]:
@@ -480,6 +580,7 @@ def gateway_errors(objects: list[Obj], target: Target) -> list[str]:
     if lb and settings.get("GATEWAY_TRUSTED_PROXY_HOPS") != "0":
         errors.append("an L4 LoadBalancer adds no X-Forwarded-For: trusted hops must be 0")
     errors.extend(gateway_settings_errors(container, settings, target))
+    errors.extend(gateway_drain_errors(objects, deployment, container))
     return errors
 
 
@@ -516,6 +617,133 @@ def hpa_errors(objects: list[Obj]) -> list[str]:
     return errors
 
 
+def secret_key_refs(container: Obj) -> dict[str, str]:
+    """env name -> the genmesh-secrets key it reads."""
+    return {
+        env["name"]: env["valueFrom"]["secretKeyRef"]["key"]
+        for env in container.get("env", [])
+        if env.get("valueFrom", {}).get("secretKeyRef")
+    }
+
+
+def migration_errors(objects: list[Obj]) -> list[str]:
+    """The schema before the services, with the migrator's credentials; those nowhere else."""
+    errors = []
+    for obj in objects:
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        name = describe(obj)
+        inits = {c["name"]: c for c in spec.get("initContainers", [])}
+        for c in spec.get("containers", []):
+            refs = secret_key_refs(c)
+            if MIGRATE_SECRET_KEY in refs.values() and not (
+                obj.get("kind") == "CronJob" and obj["metadata"]["name"] == RETENTION_CRONJOB
+            ):
+                errors.append(
+                    f"{name} container {c['name']}: {MIGRATE_SECRET_KEY} (the schema owner) is "
+                    "for the migrations and the events-retention CronJob only"
+                )
+            if obj.get("kind") != "Deployment" or refs.get("DATABASE_URL") != "DATABASE_URL":
+                continue
+            migrate = inits.get("migrate")
+            if migrate is None:
+                errors.append(f"{name}: reads DATABASE_URL, so needs a `migrate` init container")
+                continue
+            if migrate.get("command") != MIGRATE_COMMAND or migrate.get("image") != c["image"]:
+                errors.append(
+                    f"{name}: the migrate init container runs {' '.join(MIGRATE_COMMAND)} from "
+                    "the service's own image"
+                )
+            if secret_key_refs(migrate) != {"DATABASE_URL": MIGRATE_SECRET_KEY}:
+                errors.append(
+                    f"{name}: the migrate init container reads DATABASE_URL from "
+                    f"{MIGRATE_SECRET_KEY}, and nothing else"
+                )
+        for init in spec.get("initContainers", []):
+            if init["name"] != "migrate" and MIGRATE_SECRET_KEY in secret_key_refs(init).values():
+                errors.append(f"{name} init container {init['name']}: reads {MIGRATE_SECRET_KEY}")
+    if find(objects, "CronJob", RETENTION_CRONJOB) is None:
+        errors.append(f"CronJob/{RETENTION_CRONJOB} is missing (partition maintenance)")
+    return errors
+
+
+def selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions); an empty one selects every pod."""
+    return all(
+        labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()
+    ) and _expressions_match(selector, labels)
+
+
+def _expressions_match(selector: Obj, labels: dict[str, str]) -> bool:
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def production_errors(objects: list[Obj]) -> list[str]:
+    """Every Deployment: a disruption budget, an autoscaler (generation's on its in-flight
+    calls), and network policies that isolate it both ways; and a default deny."""
+    errors = []
+    deny = find(objects, "NetworkPolicy", "default-deny-all")
+    if deny is None or deny["spec"] != {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}:
+        errors.append("NetworkPolicy/default-deny-all (every pod, both directions) is missing")
+    for deployment in (o for o in objects if o.get("kind") == "Deployment"):
+        name = deployment["metadata"]["name"]
+        labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+        pdbs = [
+            o
+            for o in objects
+            if o.get("kind") == "PodDisruptionBudget" and selects(o["spec"]["selector"], labels)
+        ]
+        if len(pdbs) != 1:
+            errors.append(f"Deployment/{name}: needs exactly one PodDisruptionBudget")
+        hpas = [
+            o
+            for o in objects
+            if o.get("kind") == "HorizontalPodAutoscaler"
+            and o["spec"]["scaleTargetRef"]
+            == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        ]
+        if len(hpas) != 1:
+            errors.append(f"Deployment/{name}: needs exactly one HorizontalPodAutoscaler")
+        elif hpas[0]["spec"].get("minReplicas", 1) < 2:
+            errors.append(f"Deployment/{name}: minReplicas must be 2 or more (one may be evicted)")
+        elif name == "generation":
+            metrics = {
+                m["pods"]["metric"]["name"]
+                for m in hpas[0]["spec"]["metrics"]
+                if m["type"] == "Pods"
+            }
+            if GENERATION_SCALING_METRIC not in metrics:
+                errors.append(
+                    "HorizontalPodAutoscaler/generation: must scale on "
+                    f"{GENERATION_SCALING_METRIC} (the upstream calls in flight), not CPU alone"
+                )
+        own = [
+            o
+            for o in objects
+            if o.get("kind") == "NetworkPolicy"
+            and o["spec"]["podSelector"]
+            and selects(o["spec"]["podSelector"], labels)
+        ]
+        types = {t for o in own for t in o["spec"].get("policyTypes", [])}
+        if not {"Ingress", "Egress"} <= types:
+            errors.append(
+                f"Deployment/{name}: needs its own NetworkPolicy for ingress and egress "
+                f"(has {sorted(types)})"
+            )
+    return errors
+
+
 def policy_errors(objects: list[Obj], target: Target) -> list[str]:
     errors = []
     for obj in objects:
@@ -530,8 +758,9 @@ def policy_errors(objects: list[Obj], target: Target) -> list[str]:
     errors.extend(gateway_errors(objects, target))
     errors.extend(secret_errors(objects, target.fake_secrets_allowed))
     errors.extend(hpa_errors(objects))
-    if find(objects, "Job", "migrate") is None:
-        errors.append("the migrate Job is missing")
+    errors.extend(migration_errors(objects))
+    if target.production:
+        errors.extend(production_errors(objects))
     return errors
 
 

@@ -192,14 +192,18 @@ async def create_service(settings: GenerationSettings) -> GenerationService:
         )
         add_stats_service(server, stats, reporter.ttl_seconds)
 
-    # Readiness: no generation without a quota reservation, so quota is required. Redis is
+    # Readiness follows what this process needs to answer, never a sibling service. Quota is
+    # reported, not required: while it is away every replica would fail alike, so NOT_SERVING
+    # would only pull them all out of rotation (and out of the health report, the admin API
+    # and the cache's invalidation with them) and turn a quota blip into a generation outage;
+    # instead each call fails fast with DEPENDENCY_UNAVAILABLE and a Retry-After. Redis is
     # optional (the in-memory fallback). The upstream model API is deliberately not probed:
     # its outages are what the circuit breaker is for (fail fast with UPSTREAM_UNAVAILABLE
     # and a Retry-After, cached answers still served, recovery found by half-open calls),
     # whereas NOT_SERVING would make every replica leave the load balancer at once, turning
     # a partial upstream outage into a total one and hiding the cache and admin API.
     dependencies = [
-        Dependency("quota", quota.check_health, required=True),
+        Dependency("quota", quota.check_health, required=False),
         Dependency("redis", redis.ping, required=False),
     ]
     if openai_client is None:

@@ -175,10 +175,10 @@ def workload_endpoints(
 ) -> list[Endpoint]:
     """One endpoint per rendered pod template, with the template's labels and container ports."""
     endpoints = []
-    for index, obj in enumerate(
-        o for o in objects if o.get("kind") in {"Deployment", "StatefulSet", "Job", "DaemonSet"}
-    ):
-        template = obj["spec"]["template"]
+    kinds = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
+    for index, obj in enumerate(o for o in objects if o.get("kind") in kinds):
+        spec = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+        template = spec["template"]
         ports = [p for c in template["spec"]["containers"] for p in c.get("ports", [])]
         endpoints.append(
             Endpoint(

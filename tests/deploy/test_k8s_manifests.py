@@ -9,15 +9,21 @@ import base64
 import copy
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 
+from devstack.infra import free_port
 from services.gateway.settings import GatewaySettings
+from services.generation.inflight import INFLIGHT
 from services.telemetry.settings import TelemetrySettings
 from tests.deploy.netpol import Connection, Endpoint, PolicySet, workload_endpoints
 
@@ -126,7 +132,7 @@ def test_every_pod_is_hardened(rendered, target):
         assert spec["enableServiceLinks"] is False, name
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        for container in spec["containers"]:
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
             sc = container["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, name
             assert sc["readOnlyRootFilesystem"] is True, name
@@ -184,6 +190,10 @@ def test_grpc_service_probes_ports_and_shutdown(rendered, target, service):
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = float(settings["SHUTDOWN_GRACE_SECONDS"])
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + grace + 5
+    if service == "generation":
+        # A call that started just before SIGTERM may run its whole deadline (60 s, streams
+        # included): the drain lets it.
+        assert grace >= validate.longest_deadline(objects) == 60
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(expected.metrics_port)
@@ -201,27 +211,45 @@ def test_grpc_service_probes_ports_and_shutdown(rendered, target, service):
     ]
 
 
+def _secret_refs(container: Obj) -> dict[str, str]:
+    """env name -> genmesh-secrets key, for every secretKeyRef of a container."""
+    refs = {}
+    for env in container.get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["name"].startswith("genmesh-secrets")  # dev: with its content hash
+            refs[env["name"]] = ref["key"]
+    return refs
+
+
 def test_services_get_exactly_the_secret_keys_they_need(rendered):
     objects = rendered["base"]
 
-    def secret_keys(name: str) -> set[str]:
-        (container,) = validate.pod_spec(
-            find(objects, "Job" if name == "migrate" else "Deployment", name)
-        )["containers"]
-        keys = set()
-        for env in container.get("env", []):
-            ref = env.get("valueFrom", {}).get("secretKeyRef")
-            if ref:
-                assert ref["name"] == "genmesh-secrets"
-                assert env["name"] == ref["key"]
-                keys.add(ref["key"])
-        return keys
+    def secret_keys(kind: str, name: str) -> set[str]:
+        (container,) = validate.pod_spec(find(objects, kind, name))["containers"]
+        refs = _secret_refs(container)
+        assert all(env == key for env, key in refs.items()), refs
+        return set(refs)
 
-    assert secret_keys("generation") == {"REDIS_URL", "OPENAI_API_KEY", "GENMESH_ADMIN_TOKEN"}
-    assert secret_keys("quota") == {"DATABASE_URL", "REDIS_URL", "GENMESH_ADMIN_TOKEN"}
-    assert secret_keys("telemetry") == {"DATABASE_URL", "REDIS_URL", "GENMESH_ADMIN_TOKEN"}
-    assert secret_keys("gateway") == {"SUPABASE_JWT_SECRET"}
-    assert secret_keys("migrate") == {"DATABASE_URL"}
+    assert secret_keys("Deployment", "generation") == {
+        "REDIS_URL",
+        "OPENAI_API_KEY",
+        "GENMESH_ADMIN_TOKEN",
+    }
+    assert secret_keys("Deployment", "quota") == {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "GENMESH_ADMIN_TOKEN",
+    }
+    assert secret_keys("Deployment", "telemetry") == {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "GENMESH_ADMIN_TOKEN",
+    }
+    assert secret_keys("Deployment", "gateway") == {"SUPABASE_JWT_SECRET"}
+    # The migrator's credentials: the partition maintenance and the migrations only.
+    (retention,) = validate.pod_spec(find(objects, "CronJob", "events-retention"))["containers"]
+    assert _secret_refs(retention) == {"DATABASE_URL": "MIGRATE_DATABASE_URL"}
 
 
 def test_service_addresses_and_settings(rendered):
@@ -289,7 +317,9 @@ def test_gateway_exposes_only_the_public_port(rendered):
         for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["httpGet"] == {"path": "/ready", "port": 9902}, probe
         assert container["livenessProbe"]["tcpSocket"] == {"port": 8080}
-        assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+        assert (
+            "/drain_listeners?graceful" in container["lifecycle"]["preStop"]["exec"]["command"][2]
+        )
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == "9902"
         assert annotations["prometheus.io/path"] == "/stats/prometheus"
@@ -407,15 +437,64 @@ def test_telemetry_config_is_read_by_the_telemetry_service(rendered, monkeypatch
     assert settings.grpc_port == SERVICES["telemetry"].grpc_port
 
 
-def test_migration_job_runs_the_migrations_from_the_quota_image(rendered):
-    for target in TARGETS:
-        job = find(rendered[target], "Job", "migrate")
-        (container,) = job["spec"]["template"]["spec"]["containers"]
-        quota = find(rendered[target], "Deployment", "quota")
-        assert container["image"] == quota["spec"]["template"]["spec"]["containers"][0]["image"]
-        assert container["command"] == ["python", "-m", "services.common.migrations"]
-        assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-        assert job["spec"]["backoffLimit"] > 0
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_migrations_run_before_the_services_with_the_migrators_credentials(rendered, target):
+    """An init container of every Deployment that uses PostgreSQL (quota, telemetry) runs the
+    migrations from the service's own image as the migrator role; the service itself connects
+    with DATABASE_URL, a role with data rights only. No Job to order: a pod never starts on a
+    schema older than its code, and the advisory lock makes concurrent pods safe."""
+    objects = rendered[target]
+    assert validate.find(objects, "Job", "migrate") is None
+    for deployment in deployments(objects):
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        name = deployment["metadata"]["name"]
+        inits = spec.get("initContainers", [])
+        if name not in {"quota", "telemetry"}:
+            assert not [c for c in inits if c["name"] == "migrate"], name
+            assert "DATABASE_URL" not in _secret_refs(container), name
+            continue
+        (migrate,) = inits
+        assert migrate["name"] == "migrate"
+        assert migrate["command"] == ["python3", "-m", "services.common.migrations"]
+        assert migrate["image"] == container["image"]
+        assert _secret_refs(migrate) == {"DATABASE_URL": "MIGRATE_DATABASE_URL"}
+        assert _secret_refs(container)["DATABASE_URL"] == "DATABASE_URL"
+        assert "MIGRATE_DATABASE_URL" not in _secret_refs(container).values()
+    # Partition maintenance (DDL) with the migrator's role; telemetry's in-process backstop
+    # trails it by a month ahead and a day of retention, so it never needs DDL itself.
+    cronjob = find(objects, "CronJob", "events-retention")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    (job,) = validate.pod_spec(cronjob)["containers"]
+    assert job["command"] == ["python3", "-m", "services.telemetry.retention"]
+    telemetry = find(objects, "Deployment", "telemetry")["spec"]["template"]["spec"]
+    assert job["image"] == telemetry["containers"][0]["image"]
+    job_env = {e["name"]: e["value"] for e in job["env"] if "value" in e}
+    settings = validate.config_map_values(objects, telemetry["containers"][0])
+    assert int(settings["EVENTS_RETENTION_DAYS"]) == int(job_env["EVENTS_RETENTION_DAYS"]) + 1
+    assert int(settings["EVENTS_PARTITIONS_AHEAD"]) == int(job_env["EVENTS_PARTITIONS_AHEAD"]) - 1
+
+
+def test_migration_rules_catch_regressions(rendered):
+    objects = copy.deepcopy(rendered["base"])
+    quota = find(objects, "Deployment", "quota")["spec"]["template"]["spec"]
+    quota["initContainers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["key"] = "DATABASE_URL"
+    telemetry = find(objects, "Deployment", "telemetry")["spec"]["template"]["spec"]
+    del telemetry["initContainers"]
+    telemetry["containers"][0]["env"].append(
+        {
+            "name": "MIGRATE_DATABASE_URL",
+            "valueFrom": {
+                "secretKeyRef": {"name": "genmesh-secrets", "key": "MIGRATE_DATABASE_URL"}
+            },
+        }
+    )
+    objects.remove(find(objects, "CronJob", "events-retention"))
+    errors = "\n".join(validate.migration_errors(objects))
+    assert "Deployment/quota: the migrate init container reads DATABASE_URL from" in errors
+    assert "Deployment/telemetry: reads DATABASE_URL, so needs a `migrate` init" in errors
+    assert "container telemetry: MIGRATE_DATABASE_URL (the schema owner)" in errors
+    assert "CronJob/events-retention is missing" in errors
 
 
 def test_overlays_choose_images_replicas_and_components(rendered):
@@ -458,17 +537,19 @@ def test_dev_secret_is_generated_with_obviously_fake_values(rendered):
     assert secret["metadata"]["name"].startswith("genmesh-secrets-")  # hashed, rolls pods
     assert set(secret["data"]) == {
         "DATABASE_URL",
+        "MIGRATE_DATABASE_URL",
         "REDIS_URL",
         "OPENAI_API_KEY",
         "SUPABASE_JWT_SECRET",
         "GENMESH_ADMIN_TOKEN",
         "POSTGRES_PASSWORD",
+        "POSTGRES_APP_PASSWORD",
         "REDIS_PASSWORD",
     }
     assert validate.secret_errors([secret], fake_allowed=True) == []
     # Every reference follows the generated name.
     for _obj, spec in pod_specs(rendered["overlays/dev"]):
-        for container in spec["containers"]:
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
@@ -646,13 +727,15 @@ def expected_flows(datastores: str) -> set[Connection]:
     }
     # The public listener is open to everything outside the namespace's own (deny-all) pods.
     flows |= {c(o.name, "gateway", 8080) for o in OUTSIDE}
-    pods = ["gateway", "generation", "quota", "telemetry", "migrate", "stranger"]
+    pods = ["gateway", "generation", "quota", "telemetry", "events-retention", "stranger"]
     if datastores == "in-cluster":
         pods += ["postgres", "redis"]
-        flows |= {c(s, "postgres", 5432) for s in ("quota", "telemetry", "migrate")}
+        flows |= {c(s, "postgres", 5432) for s in ("quota", "telemetry", "events-retention")}
         flows |= {c(s, "redis", 6379) for s in ("generation", "quota", "telemetry")}
     else:
-        flows |= {c(s, "managed-postgres", 5432) for s in ("quota", "telemetry", "migrate")}
+        flows |= {
+            c(s, "managed-postgres", 5432) for s in ("quota", "telemetry", "events-retention")
+        }
         flows |= {
             c(s, "managed-redis", p)
             for s in ("generation", "quota", "telemetry")
@@ -717,6 +800,312 @@ def test_only_prometheus_reaches_the_gateway_ops_port_and_nobody_the_admin_port(
 
 def test_without_the_component_nothing_is_isolated(rendered):
     assert not [o for o in rendered["base"] if o["kind"] == "NetworkPolicy"]
+
+
+# --- production: complete by default ------------------------------------------------------------
+
+# Where a prod workload may connect besides its siblings: PostgreSQL, Redis, the model endpoint
+# (public HTTPS), the trace collector and DNS. Nothing else (the cloud metadata server, the VPC,
+# other namespaces, the pods of this namespace that are not ours).
+PROD_EGRESS_OUTSIDE = {"managed-postgres", "managed-redis", "internet", "internet-v6"} | {
+    "otel-collector",
+    "kube-dns",
+}
+OURS = {"gateway", "generation", "quota", "telemetry"}
+
+
+def _prod_deployments(rendered) -> list[Obj]:
+    prod = deployments(rendered["overlays/prod"])
+    assert {d["metadata"]["name"] for d in prod} == OURS
+    return prod
+
+
+def test_prod_deployments_have_probes_limits_and_a_hardened_security_context(rendered):
+    for deployment in _prod_deployments(rendered):
+        name = deployment["metadata"]["name"]
+        spec = deployment["spec"]["template"]["spec"]
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == 10001, name
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec["automountServiceAccountToken"] is False, name
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            where = f"{name}/{container['name']}"
+            assert (
+                validate.security_context_errors(where, container["securityContext"], pod_sc) == []
+            )
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}, where
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory", "ephemeral-storage"} <= set(
+                    container["resources"][kind]
+                ), where
+        (container,) = spec["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["periodSeconds"] > 0, f"{name} {probe}"
+            assert container[probe]["timeoutSeconds"] > 0, f"{name} {probe}"
+
+
+def test_prod_deployments_each_have_a_budget_an_autoscaler_and_network_policies(rendered):
+    objects = rendered["overlays/prod"]
+    assert validate.production_errors(objects) == []
+    for deployment in _prod_deployments(rendered):
+        name = deployment["metadata"]["name"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        (pdb,) = [
+            o
+            for o in objects
+            if o["kind"] == "PodDisruptionBudget"
+            and validate.selects(o["spec"]["selector"], labels)
+        ]
+        assert pdb["spec"]["maxUnavailable"] == 1, name
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", name
+        hpa = find(objects, "HorizontalPodAutoscaler", name)
+        assert hpa["spec"]["minReplicas"] >= 2, name
+        assert "replicas" not in deployment["spec"], name
+        own = [
+            o
+            for o in objects
+            if o["kind"] == "NetworkPolicy"
+            and o["spec"]["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": name}
+        ]
+        assert [o["spec"]["policyTypes"] for o in own] == [["Ingress", "Egress"]], name
+
+
+def test_generation_scales_on_upstream_calls_in_flight_and_the_others_on_cpu(rendered):
+    """Generation waits on the model: CPU stays low while calls pile up against
+    GEN_MAX_INFLIGHT. Its HPA follows the gauge the service exports, through the documented
+    prometheus-adapter rule; quota, telemetry and the gateway scale on CPU."""
+    objects = rendered["overlays/prod"]
+    metric_name = INFLIGHT._name  # the exported name: genmesh_generation_inflight
+    assert metric_name == validate.GENERATION_SCALING_METRIC
+    hpa = find(objects, "HorizontalPodAutoscaler", "generation")
+    pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert [p["metric"]["name"] for p in pods] == [metric_name]
+    (generation,) = find(objects, "Deployment", "generation")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    cap = int(validate.config_map_values(objects, generation)["GEN_MAX_INFLIGHT"])
+    target = int(pods[0]["target"]["averageValue"])
+    assert 0 < target < cap  # scale before replicas shed load
+    rules = yaml.safe_load(
+        (REPO / "deploy/k8s/components/hpa/prometheus-adapter-rules.yaml").read_text()
+    )
+    (rule,) = rules["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(metric_name + "{")
+    assert rule["name"]["as"] == metric_name
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    for name in ("quota", "telemetry", "gateway"):
+        metrics = find(objects, "HorizontalPodAutoscaler", name)["spec"]["metrics"]
+        assert [(m["type"], m["resource"]["name"]) for m in metrics] == [("Resource", "cpu")]
+    # Without the in-flight metric the rule fails.
+    broken = copy.deepcopy(objects)
+    find(broken, "HorizontalPodAutoscaler", "generation")["spec"]["metrics"] = [
+        m for m in hpa["spec"]["metrics"] if m["type"] == "Resource"
+    ]
+    assert any(metric_name in e for e in validate.production_errors(broken))
+
+
+def test_prod_egress_goes_only_to_the_datastores_the_model_the_collector_and_dns(rendered):
+    objects = rendered["overlays/prod"]
+    policies = PolicySet(o for o in objects if o["kind"] == "NetworkPolicy")
+    pods = {e.name: e for e in workload_endpoints(objects, "genmesh", NS_LABELS)}
+    everyone = [*pods.values(), STRANGER, *OUTSIDE]
+    allowed = policies.allowed_connections(everyone, "genmesh")
+    for name in OURS:
+        destinations = {c.destination for c in allowed if c.source == name}
+        assert destinations <= OURS | PROD_EGRESS_OUTSIDE, name
+        assert "kube-dns" in destinations, name
+
+    # Each service's own needs, exactly.
+    def reach(name: str) -> set[str]:
+        return {c.destination for c in allowed if c.source == name} - {"kube-dns", name}
+
+    assert reach("gateway") == {"generation", "quota", "telemetry"}
+    assert reach("generation") == {
+        "quota",
+        "telemetry",
+        "managed-redis",
+        "internet",
+        "internet-v6",
+        "otel-collector",
+    }
+    assert reach("quota") == {"telemetry", "managed-postgres", "managed-redis", "otel-collector"}
+    assert reach("telemetry") == {
+        "generation",
+        "quota",
+        "managed-postgres",
+        "managed-redis",
+        "otel-collector",
+    }
+    assert reach("events-retention") == {"managed-postgres"}
+
+
+def test_prod_ingress_comes_only_from_the_gateway_and_each_other(rendered):
+    objects = rendered["overlays/prod"]
+    policies = PolicySet(o for o in objects if o["kind"] == "NetworkPolicy")
+    pods = {e.name: e for e in workload_endpoints(objects, "genmesh", NS_LABELS)}
+    everyone = [*pods.values(), STRANGER, *OUTSIDE]
+    allowed = policies.allowed_connections(everyone, "genmesh")
+    for name in OURS - {"gateway"}:
+        service = SERVICES[name]
+        grpc_callers = {
+            c.source for c in allowed if c.destination == name and c.port == service.grpc_port
+        }
+        assert grpc_callers <= OURS - {name}, name
+        assert "gateway" in grpc_callers, name
+        metrics = {
+            c.source for c in allowed if c.destination == name and c.port == service.metrics_port
+        }
+        assert metrics == {"prometheus", "grafana"}, name  # the monitoring namespace
+        ports = {c.port for c in allowed if c.destination == name}
+        assert ports == {service.grpc_port, service.metrics_port}, name
+    # The gateway: its public listener from anywhere; its ops listener from Prometheus only.
+    gateway = {(c.source, c.port) for c in allowed if c.destination == "gateway"}
+    assert {port for _, port in gateway} == {8080, 9902}
+    assert {source for source, port in gateway if port == 9902} == {"prometheus"}
+    assert not [c for c in allowed if c.destination == "events-retention"]
+
+
+def test_production_rules_catch_regressions(rendered):
+    objects = copy.deepcopy(rendered["overlays/prod"])
+    objects.remove(find(objects, "PodDisruptionBudget", "quota"))
+    objects.remove(find(objects, "HorizontalPodAutoscaler", "telemetry"))
+    objects.remove(find(objects, "NetworkPolicy", "gateway"))
+    errors = "\n".join(validate.policy_errors(objects, TARGETS["overlays/prod"]))
+    assert "Deployment/quota: needs exactly one PodDisruptionBudget" in errors
+    assert "Deployment/telemetry: needs exactly one HorizontalPodAutoscaler" in errors
+    assert "Deployment/gateway: needs its own NetworkPolicy for ingress and egress" in errors
+    # Dev and the base are not production: no such rule there.
+    assert validate.policy_errors(rendered["overlays/dev"], TARGETS["overlays/dev"]) == []
+
+
+# --- draining: Envoy and the services ----------------------------------------------------------
+
+
+def _gateway_container(objects: list[Obj]) -> Obj:
+    (container,) = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    result: Obj = container
+    return result
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_gateway_drains_for_the_longest_request_before_envoy_gets_sigterm(rendered, target):
+    objects = rendered[target]
+    deployment = find(objects, "Deployment", "gateway")
+    container = _gateway_container(objects)
+    command = container["command"]
+    assert command[:2] == ["python3", "-c"]
+    assert validate.option_value(command, "--drain-strategy") == "immediate"
+    drain_time = int(validate.option_value(command, "--drain-time-s"))
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    settle, limit = float(hook[-2]), float(hook[-1])
+    assert settle >= 10  # the endpoint removal reaches the load balancer and Envoy's peers
+    assert limit >= settle + validate.longest_deadline(objects) == settle + 60
+    assert drain_time >= limit  # listeners (and liveness) stay up while the hook waits
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= limit + 5
+    assert validate.gateway_drain_errors(objects, deployment, container) == []
+
+
+def test_drain_rules_catch_regressions(rendered):
+    objects = copy.deepcopy(rendered["base"])
+    deployment = find(objects, "Deployment", "gateway")
+    container = _gateway_container(objects)
+    deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
+    container["command"][container["command"].index("--drain-time-s") + 1] = "20"
+    container["command"].remove("--drain-strategy")
+    config = next(o for o in objects if o["metadata"]["name"].startswith("gateway-config"))
+    config["data"]["GATEWAY_GENERATE_STREAM_TIMEOUT_SECONDS"] = "300"
+    errors = "\n".join(validate.policy_errors(objects, TARGETS["base"]))
+    assert "Envoy needs --drain-strategy immediate" in errors
+    assert "the preStop drain waits at most 80 s < 15 s (endpoint removal) + 300 s" in errors
+    assert "--drain-time-s 20 < the preStop's 80 s" in errors
+    assert "terminationGracePeriodSeconds 30 < the preStop drain 80 s" in errors
+    assert "SHUTDOWN_GRACE_SECONDS 60 must cover the longest generate deadline (300 s" in errors
+    container["lifecycle"]["preStop"] = {"sleep": {"seconds": 15}}
+    assert "must POST /drain_listeners?graceful" in "\n".join(
+        validate.gateway_drain_errors(objects, deployment, container)
+    )
+
+
+def test_the_gateway_command_and_pre_stop_drain_a_real_envoy(rendered, tmp_path):
+    """The Deployment's own command starts Envoy with the drain options; its preStop hook
+    drains it: Envoy then closes each connection after its response yet still accepts new
+    ones, and the hook returns once the request in flight has finished, not before."""
+    container = _gateway_container(rendered["base"])
+    config = tmp_path / "envoy.yaml"
+    command = [
+        sys.executable if arg == "python3" else arg.replace("/tmp/envoy.yaml", str(config))
+        for arg in container["command"]
+    ]
+    public, admin, ops = free_port(), free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "SUPABASE_"))},
+        "PYTHONPATH": str(REPO),
+        "GATEWAY_LISTEN_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(public),
+        "GATEWAY_ADMIN_PORT": str(admin),
+        "GATEWAY_OPS_PORT": str(ops),
+        # Nothing listens there: Envoy starts all the same and answers 503.
+        "GENERATION_ADDR": f"127.0.0.1:{free_port()}",
+        "QUOTA_ADDR": f"127.0.0.1:{free_port()}",
+        "TELEMETRY_ADDR": f"127.0.0.1:{free_port()}",
+    }
+    log = (tmp_path / "envoy.log").open("wb")
+    envoy = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{admin}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert envoy.poll() is None, (tmp_path / "envoy.log").read_text()
+            try:
+                info = httpx.get(f"{base}/server_info", timeout=1).json()
+                if info["state"] == "LIVE":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        options = info["command_line_options"]
+        assert (options["drain_strategy"], options["drain_time"]) == ("Immediate", "80s")
+        # A request in flight: headers sent, the body not yet complete.
+        held = socket.create_connection(("127.0.0.1", public))
+        held.sendall(
+            b"POST /api/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        time.sleep(0.3)
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        script = hook[2]
+        started = time.monotonic()
+        pre_stop = subprocess.Popen(
+            [sys.executable, "-c", script, "0.5", "20"], env={**env, "PATH": os.environ["PATH"]}
+        )
+        time.sleep(1.5)
+        assert pre_stop.poll() is None, "the hook returned while a request was in flight"
+        during = httpx.get(f"http://127.0.0.1:{public}/api/quota", timeout=5)
+        assert during.headers["connection"] == "close"  # drained: served, then closed
+        held.close()
+        assert pre_stop.wait(timeout=10) == 0
+        assert 1.5 < time.monotonic() - started < 10
+    finally:
+        envoy.kill()
+        envoy.wait()
+        log.close()
+
+
+def test_pre_stop_gives_the_endpoints_time_even_when_envoy_does_not_answer(rendered):
+    """With the admin API gone, the hook still waits for the endpoint removal, then returns."""
+    hook = _gateway_container(rendered["base"])["lifecycle"]["preStop"]["exec"]["command"]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", hook[2], "1", "5"],
+        env={**os.environ, "GATEWAY_ADMIN_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "drain_listeners failed" in result.stderr
+    assert 1 <= time.monotonic() - started < 4
 
 
 # --- the Makefile entry point --------------------------------------------------------------------

@@ -374,25 +374,31 @@ async def test_quota_exhaustion_is_relayed_with_its_retry_info(
     assert (await quota.of_guest(g.ip)).remaining == 0
 
 
-async def test_quota_unreachable_is_dependency_unavailable_and_not_serving(
+async def test_quota_unreachable_fails_calls_clearly_but_leaves_readiness_alone(
     make_generation: Any, sim: Sim
 ) -> None:
+    """A sibling service is no readiness dependency: with quota away every replica would
+    fail alike, so NOT_SERVING would only pull them all out of rotation. Each call fails fast
+    with DEPENDENCY_UNAVAILABLE and a Retry-After instead, and the outage is reported."""
     async with make_generation(sim, quota_addr="127.0.0.1:1", quota_timeout_seconds=0.5) as g:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await g.stub.Generate(prompt(), metadata=g.guest)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert service_error(caught.value).reason == "DEPENDENCY_UNAVAILABLE"
+        err = service_error(caught.value)
+        assert err.reason == "DEPENDENCY_UNAVAILABLE"
+        assert "quota" in err.message
+        assert err.retry_after_seconds is not None and err.retry_after_seconds > 0
         health = health_pb2_grpc.HealthStub(g.channel)
-        reply = await health.Check(
-            health_pb2.HealthCheckRequest(service="genmesh.generation.v1.GenerationService")
-        )
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "genmesh.generation.v1.GenerationService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        # Still probed and reported (the health report, GetStats), just not required.
+        (status,) = [s for s in await g.service.refresh_health() if s.name == "quota"]
+        assert (status.ok, status.required) == (False, False)
     assert await sim.requests() == 0
 
 
-async def test_serving_when_quota_is_up_even_without_redis_or_upstream(
-    make_generation: Any,
-) -> None:
+async def test_serving_without_redis_or_upstream(make_generation: Any) -> None:
     # The upstream is no readiness dependency (the breaker handles it); Redis is optional.
     async with make_generation(None, openai_base_url="http://127.0.0.1:1/v1", redis_url="") as g:
         health = health_pb2_grpc.HealthStub(g.channel)
