@@ -11,7 +11,7 @@ STUBS  := gen/genmesh.pb
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto run test bench lint fmt k8s-validate lock clean
+.PHONY: help venv proto run test bench lint fmt k8s-validate images k8s-up k8s-down lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,15 @@ fmt: $(STAMP) ## format and auto-fix Python
 
 k8s-validate: $(STAMP) ## render the kustomize overlays and validate them offline
 	@$(PY) deploy/k8s/validate.py
+
+images: $(STAMP) ## build the images with Podman or Docker (IMAGE_BASE=auto|registry|local|<image>)
+	@$(PY) -m deploy.podman.images
+
+k8s-up: $(STAMP) ## run the dev overlay's pods with podman kube play; prints the gateway URL
+	@$(PY) -m deploy.podman.kube up
+
+k8s-down: $(STAMP) ## remove everything k8s-up started (pods, secrets, volumes, its database)
+	@$(PY) -m deploy.podman.kube down
 
 lock: ## re-pin every transitive dependency after editing requirements*.txt
 	@rm -rf $(VENV)/.lock && $(PYTHON) -m venv $(VENV)/.lock
