@@ -19,9 +19,13 @@ A rate-limit decision has a budget (RATE_LIMIT_REDIS_TIMEOUT_MS, `timeout_second
 shorter than the shared client's timeouts: Envoy waits only GATEWAY_RATE_LIMIT_TIMEOUT_MS for
 the answer and then lets the request pass, so a Redis that is slow but alive must not use the
 whole wait. The Redis calls of one check (the script, and the block index when the check
-starts a block) share one deadline; past it the call fails like any failed Redis call (the
-breaker counts it, and the caller gets RedisUnavailable and decides from memory). Listing and
-lifting blocks are operators' calls and keep the shared client's timeouts.
+starts a block) share one deadline; past it the caller gets RedisUnavailable and decides from
+memory. The breaker does not count an expired budget: on a busy machine the budget also runs
+out while the event loop is late, with Redis answering in time, and opening the breaker then
+would move every quota and limit of this replica into memory under load. A Redis that is
+really away fails the shared client's own calls (connection errors, its timeouts), which the
+breaker counts. Listing and lifting blocks are operators' calls and keep the shared client's
+timeouts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from services.common.redis import RedisUnavailable, ResilientRedis
@@ -40,6 +45,17 @@ from services.quota.ratelimit.limiter import Block, CheckResult, Subject, Verdic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+BUDGET_EXPIRED = Counter(
+    "genmesh_ratelimit_redis_budget_expired_total",
+    "Rate-limit Redis calls cut at RATE_LIMIT_REDIS_TIMEOUT_MS (decided from memory).",
+    ["operation"],
+)
+
+
+class _OverBudget(Exception):
+    """A decision's Redis call ran out of its budget (not a failure of Redis's)."""
+
 
 # KEYS: block, violations, level, bucket.
 # ARGV: requests, period (ms), violations before a block (0: never), violation window (ms),
@@ -144,14 +160,24 @@ class RedisLimiter:
         self, operation: str, deadline: float | None, fn: Callable[[Redis], Awaitable[T]]
     ) -> T:
         """One Redis call of a decision, through the shared client (its breaker and
-        timeouts), ended at `deadline`: the TimeoutError is a failed call to the shared client,
-        which counts it and raises RedisUnavailable."""
+        timeouts), ended at `deadline`: RedisUnavailable then, without a breaker failure (see
+        the module's docstring)."""
 
         async def bounded(client: Redis) -> T:
-            async with asyncio.timeout_at(deadline):
-                return await fn(client)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await fn(client)
+            except TimeoutError as err:
+                if asyncio.get_running_loop().time() >= (deadline or 0.0):
+                    # Not an error of Redis's: the shared client releases the permit.
+                    raise _OverBudget(operation) from err
+                raise
 
-        return await self.redis.run(operation, bounded)
+        try:
+            return await self.redis.run(operation, bounded)
+        except _OverBudget as err:
+            BUDGET_EXPIRED.labels(operation).inc()
+            raise RedisUnavailable(f"{operation}: over the decision's budget") from err
 
     async def check(
         self, subject: Subject, route: str, limit: Limit, escalation: Escalation
