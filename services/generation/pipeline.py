@@ -1,9 +1,10 @@
 """The generation pipeline, shared by Generate and StreamGenerate:
 
-validate -> breaker gate -> reserve quota -> response cache -> single-flight (join an identical
-call in progress, here or on another replica, or lead one: in-flight slot -> upstream behind
-the breaker and retries -> cache the answer) -> commit (or refund on any failure after the
-reservation).
+validate -> breaker gate -> response cache. A hit consumes one quota unit (one call: the unit
+is taken committed, since nothing can fail after it) and answers. A miss reserves one unit ->
+single-flight (join an identical call in progress, here or on another replica, or lead one:
+in-flight slot -> upstream behind the breaker and retries -> cache the answer) -> commit (or
+refund on any failure after the reservation), settled in the background, off the reply's path.
 
 Plain domain code: the servicer only maps protos in and out, and tests drive it directly.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+from opentelemetry import trace
 from prometheus_client import Counter
 
 from genmesh.quota.v1 import quota_pb2
@@ -176,23 +178,24 @@ class GenerationPipeline:
 
     async def _generate(self, request: GenerationRequest) -> GenerationResult:
         prepared = self.prepare(request)
-        early = await self._gate(prepared)
+        hit = await self._gate(prepared) or await self._cached(prepared)
+        if hit is not None:
+            # The answer is in hand and nothing can fail after the quota call: one call takes
+            # the unit committed (QUOTA_EXHAUSTED is relayed exactly as a reservation's).
+            reservation = await self.quota.consume(request.identity)
+            return self._result(prepared, hit, True, reservation)
         reservation = await self.quota.reserve(request.identity)
         try:
-            cached = True
-            answer = early or await self._cached(prepared)
-            if answer is None:
-                cached = False
-                flight = self.calls.flight(prepared, request.deadline, streaming=False)
-                async with self.calls.subscribe(flight):
-                    answer = await within(
-                        request.deadline, flight.result(), grace=SUBSCRIBER_GRACE_SECONDS
-                    )
+            flight = self.calls.flight(prepared, request.deadline, streaming=False)
+            async with self.calls.subscribe(flight):
+                answer = await within(
+                    request.deadline, flight.result(), grace=SUBSCRIBER_GRACE_SECONDS
+                )
         except BaseException:
-            await self.settle(reservation, commit=False)
+            self.settle(reservation, commit=False)
             raise
-        await self.settle(reservation, commit=True)
-        return self._result(prepared, answer, cached, reservation)
+        self.settle(reservation, commit=True)
+        return self._result(prepared, answer, False, reservation)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Deltas, then Done. A failure before the first delta raises ServiceError (the RPC
@@ -220,42 +223,42 @@ class GenerationPipeline:
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         prepared = self.prepare(request)
-        early = await self._gate(prepared)
+        hit = await self._gate(prepared) or await self._cached(prepared)
+        if hit is not None:
+            # As in _generate: one call takes the unit committed before the replay, so a
+            # client leaving mid-replay has paid for the answer it was given, as before.
+            reservation = await self.quota.consume(request.identity)
+            for delta in hit.deltas():
+                yield Delta(delta)
+            yield Done(self._result(prepared, hit, True, reservation))
+            return
         reservation = await self.quota.reserve(request.identity)
         settlement = _Settlement(self, reservation)
         started = False
         try:
             async with contextlib.aclosing(
-                self._stream_reserved(prepared, early, request.deadline, settlement)
+                self._stream_miss(prepared, request.deadline, settlement)
             ) as events:
                 async for event in events:
                     started = started or isinstance(event, Delta)
                     yield event
         except Exception as exc:
-            await settlement.refund()
+            settlement.refund()
             if not started:
                 raise
             yield Failed(_in_band_error(exc))
         except BaseException:
             # Cancelled (the client went away) or closed early: the unit goes back
             # unless the answer was already complete and committed.
-            await settlement.refund()
+            settlement.refund()
             raise
 
-    async def _stream_reserved(
+    async def _stream_miss(
         self,
         prepared: PreparedGeneration,
-        early: Answer | None,
         deadline: float | None,
         settlement: _Settlement,
     ) -> AsyncGenerator[StreamEvent, None]:
-        answer = early or await self._cached(prepared)
-        if answer is not None:
-            await settlement.commit()
-            for delta in answer.deltas():
-                yield Delta(delta)
-            yield Done(self._result(prepared, answer, True, settlement.reservation))
-            return
         flight = self.calls.flight(prepared, deadline, streaming=True)
         async with self.calls.subscribe(flight):
             pieces = flight.pieces()
@@ -269,7 +272,7 @@ class GenerationPipeline:
                     if not streamed:  # the call was unary, or ran on another replica
                         for delta in piece.deltas():
                             yield Delta(delta)
-                    await settlement.commit()
+                    settlement.commit()
                     yield Done(self._result(prepared, piece, False, settlement.reservation))
                     return
                 streamed = True
@@ -342,15 +345,20 @@ class GenerationPipeline:
             raise caller.refusal()
         return answer
 
-    async def settle(self, reservation: Reservation, *, commit: bool) -> None:
-        """Commit or refund, finishing in the background even if this request is cancelled
-        meanwhile; never raises (a successful answer must not fail over its settlement)."""
-        task = self.background.spawn(
+    def settle(self, reservation: Reservation, *, commit: bool) -> None:
+        """Commit or refund in the background: neither the answer nor the error reply waits
+        for it, it finishes even if this request is cancelled, and it never fails an answer.
+        The task is held in `self.background`, which the service drains at shutdown. A
+        settlement that never lands (quota unreachable past its retries, the process killed
+        before the drain) loses nothing either: by design an unsettled reservation expires on
+        the quota side after QUOTA_RESERVATION_TTL_SECONDS and gives its unit back by itself
+        (for a lost commit, that generation is free). Until a commit lands, the reserved unit
+        counts as used exactly like a committed one, so counts read right after an answer are
+        already final; a refund shows once it lands."""
+        self.background.spawn(
             self.quota.settle(reservation.reservation_id, commit),
             name="quota-commit" if commit else "quota-refund",
         )
-        with contextlib.suppress(Exception):
-            await asyncio.shield(task)
 
     def _result(
         self,
@@ -360,17 +368,30 @@ class GenerationPipeline:
         reservation: Reservation,
     ) -> GenerationResult:
         result = GenerationResult(str(uuid.uuid4()), answer, cached, reservation.quota)
-        log.info(
-            "generation complete",
-            extra={
-                "generation_id": result.generation_id,
-                "cache_key": prepared.cache_key,
-                "cached": cached,
-                "model": answer.model,
-                "total_tokens": answer.usage.total_tokens,
-                "reservation_id": reservation.reservation_id,
-            },
-        )
+        # The per-request record is Envoy's access log and this RPC's span: the span gets the
+        # ids an operator needs (the cache key for InvalidateCache); the log line is DEBUG.
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "genmesh.generation.id": result.generation_id,
+                    "genmesh.cache.key": prepared.cache_key,
+                    "genmesh.cache.hit": cached,
+                    "genmesh.quota.reservation_id": reservation.reservation_id,
+                }
+            )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "generation complete",
+                extra={
+                    "generation_id": result.generation_id,
+                    "cache_key": prepared.cache_key,
+                    "cached": cached,
+                    "model": answer.model,
+                    "total_tokens": answer.usage.total_tokens,
+                    "reservation_id": reservation.reservation_id,
+                },
+            )
         return result
 
     def _report_image_mismatch(self, request: GenerationRequest) -> None:
@@ -396,16 +417,16 @@ class _Settlement:
         self.reservation = reservation
         self.settled = False
 
-    async def commit(self) -> None:
-        await self._settle(commit=True)
+    def commit(self) -> None:
+        self._settle(commit=True)
 
-    async def refund(self) -> None:
-        await self._settle(commit=False)
+    def refund(self) -> None:
+        self._settle(commit=False)
 
-    async def _settle(self, *, commit: bool) -> None:
+    def _settle(self, *, commit: bool) -> None:
         if not self.settled:
             self.settled = True
-            await self.pipeline.settle(self.reservation, commit=commit)
+            self.pipeline.settle(self.reservation, commit=commit)
 
 
 def _in_band_error(exc: Exception) -> ServiceError:

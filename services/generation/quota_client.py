@@ -1,6 +1,7 @@
 """The quota service, seen from generation: reserve one unit before the upstream call, then
-commit it on success or refund it on failure. Uses the generated stubs over one long-lived
-channel; each call has its own deadline."""
+commit it on success or refund it on failure; or, for an answer already in hand (a cache hit),
+consume one unit in a single call. Uses the generated stubs over one long-lived channel; each
+call has its own deadline."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class Reservation:
 class QuotaReserver(Protocol):
     async def reserve(self, identity: Identity) -> Reservation: ...
 
+    async def consume(self, identity: Identity) -> Reservation: ...
+
     async def settle(self, reservation_id: str, commit: bool) -> None: ...
 
 
@@ -64,16 +67,27 @@ class QuotaClient:
         self._health = health_pb2_grpc.HealthStub(channel)
 
     async def reserve(self, identity: Identity) -> Reservation:
-        """One unit of the caller's quota. The quota service's own errors (QUOTA_EXHAUSTED
-        with its RetryInfo, ...) are relayed as they are. Never retried: a lost reply would
-        reserve twice (the orphan expires on the quota side, but the caller pays meanwhile)."""
+        """One unit of the caller's quota, pending until settled. The quota service's own
+        errors (QUOTA_EXHAUSTED with its RetryInfo, ...) are relayed as they are. Never
+        retried: a lost reply would reserve twice (the orphan expires on the quota side, but
+        the caller pays meanwhile)."""
+        return await self._reserve(identity, consume=False)
+
+    async def consume(self, identity: Identity) -> Reservation:
+        """One unit taken for good at once, for an answer already in hand (a cache hit): the
+        reservation comes back committed, with nothing to settle. Errors as `reserve`; never
+        retried either (a lost reply would take two units)."""
+        return await self._reserve(identity, consume=True)
+
+    async def _reserve(self, identity: Identity, *, consume: bool) -> Reservation:
         request = quota_pb2.ReserveQuotaRequest(
             caller=quota_pb2.Caller(
                 user_id=identity.user_id, email=identity.email, client_ip=identity.client_ip
-            )
+            ),
+            consume=consume,
         )
         try:
-            async with self.perf.track("quota.reserve"):
+            async with self.perf.track("quota.consume" if consume else "quota.reserve"):
                 reply = await self._stub.ReserveQuota(request, timeout=self.timeout_seconds)
         except grpc.aio.AioRpcError as err:
             relayed = error_info_from_call(_pairs(err.trailing_metadata()))

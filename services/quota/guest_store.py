@@ -10,7 +10,9 @@ the breaker lets calls through again.
 
 A reservation nobody settles (its caller crashed) expires after `ttl_seconds` and gives its
 unit back: every operation on a guest-day first reaps the reservations whose time is up, so
-the count is exact whenever anyone looks, with no sweeper scanning keys.
+the count is exact whenever anyone looks, with no sweeper scanning keys. A unit taken with
+`consume=True` (an answer already in hand) is counted and nothing is left pending: there is
+nothing to settle, expire or reap, and a later settlement of its id is not applied.
 
 Redis layout, per guest-day: a hash `quota:guest:{<tag>}` (`used`, `network`, `day`) and a
 sorted set `quota:guest:{<tag>}:pending` (reservation -> expiry, in ms of Redis's clock). The
@@ -77,10 +79,17 @@ class GuestQuotaStore(Protocol):
         ...
 
     async def reserve(
-        self, network: str, window: QuotaWindow, limit: int, reservation: ReservationId
+        self,
+        network: str,
+        window: QuotaWindow,
+        limit: int,
+        reservation: ReservationId,
+        *,
+        consume: bool = False,
     ) -> GuestReserveResult:
         """Take one unit if fewer than `limit` are used, pending as `reservation` until it is
-        settled or its TTL passes. `reservation.tag` must be `guest_tag(network, window.day)`."""
+        settled or its TTL passes; with `consume`, taken for good at once (committed, nothing
+        pending). `reservation.tag` must be `guest_tag(network, window.day)`."""
         ...
 
     async def settle(
@@ -110,6 +119,8 @@ end
 """
 
 # KEYS: state, pending. ARGV: limit, reset (unix s), network, day, reservation, ttl (ms).
+# A ttl of 0 consumes: the unit is counted for good and nothing is added to pending (the
+# pending key is still named in KEYS, with the same hash tag, for the reap).
 # Returns {reserved (0/1), used, reaped}.
 _RESERVE_LUA = (
     _REAP_LUA
@@ -122,8 +133,11 @@ end
 used = redis.call('HINCRBY', KEYS[1], 'used', 1)
 redis.call('HSET', KEYS[1], 'network', ARGV[3], 'day', ARGV[4])
 redis.call('EXPIREAT', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
-redis.call('EXPIREAT', KEYS[2], ARGV[2])
+local ttl = tonumber(ARGV[6])
+if ttl > 0 then
+  redis.call('ZADD', KEYS[2], now + ttl, ARGV[5])
+  redis.call('EXPIREAT', KEYS[2], ARGV[2])
+end
 return {1, used, expired}
 """
 )
@@ -193,7 +207,13 @@ class RedisGuestQuotaStore:
         return int(reply[0])
 
     async def reserve(
-        self, network: str, window: QuotaWindow, limit: int, reservation: ReservationId
+        self,
+        network: str,
+        window: QuotaWindow,
+        limit: int,
+        reservation: ReservationId,
+        *,
+        consume: bool = False,
     ) -> GuestReserveResult:
         script = self._reserve
         if script is None:
@@ -207,10 +227,11 @@ class RedisGuestQuotaStore:
             network,
             window.day.isoformat(),
             reservation.uuid.hex,
-            self.ttl_ms,
+            0 if consume else self.ttl_ms,  # 0: taken for good, nothing pending
         ]
         reply = await self.redis.run(
-            "quota.guest_reserve", lambda client: script(keys=keys, args=args, client=client)
+            "quota.guest_consume" if consume else "quota.guest_reserve",
+            lambda client: script(keys=keys, args=args, client=client),
         )
         _count_reaped("redis", int(reply[2]))
         return GuestReserveResult(reserved=reply[0] == 1, used=int(reply[1]))
@@ -283,7 +304,13 @@ class MemoryGuestQuotaStore:
             return found.used if found else 0
 
     async def reserve(
-        self, network: str, window: QuotaWindow, limit: int, reservation: ReservationId
+        self,
+        network: str,
+        window: QuotaWindow,
+        limit: int,
+        reservation: ReservationId,
+        *,
+        consume: bool = False,
     ) -> GuestReserveResult:
         async with self._lock:
             now = self.now()
@@ -294,7 +321,8 @@ class MemoryGuestQuotaStore:
             if found.used >= limit:
                 return GuestReserveResult(reserved=False, used=found.used)
             found.used += 1
-            found.pending[reservation.uuid.hex] = now + self.ttl_seconds
+            if not consume:
+                found.pending[reservation.uuid.hex] = now + self.ttl_seconds
             return GuestReserveResult(reserved=True, used=found.used)
 
     async def settle(
@@ -334,13 +362,19 @@ class FallbackGuestQuotaStore:
             return await self.fallback.used(network, window)
 
     async def reserve(
-        self, network: str, window: QuotaWindow, limit: int, reservation: ReservationId
+        self,
+        network: str,
+        window: QuotaWindow,
+        limit: int,
+        reservation: ReservationId,
+        *,
+        consume: bool = False,
     ) -> GuestReserveResult:
         try:
-            return await self.primary.reserve(network, window, limit, reservation)
+            return await self.primary.reserve(network, window, limit, reservation, consume=consume)
         except RedisUnavailable:
-            GUEST_FALLBACKS.labels("reserve").inc()
-            return await self.fallback.reserve(network, window, limit, reservation)
+            GUEST_FALLBACKS.labels("consume" if consume else "reserve").inc()
+            return await self.fallback.reserve(network, window, limit, reservation, consume=consume)
 
     async def settle(
         self, reservation: ReservationId, settlement: Settlement

@@ -1,6 +1,7 @@
 """The quota ledger: what the RPCs do, without gRPC. Guests are counted per client IP in the
 guest store, signed-in users per profile in PostgreSQL; units are reserved before a generation
-and committed or refunded after it."""
+and committed or refunded after it, or consumed (taken committed, in one store operation) for
+an answer already in hand."""
 
 from __future__ import annotations
 
@@ -88,14 +89,18 @@ class QuotaLedger:
 
     # -- reservations --------------------------------------------------------------------------
 
-    async def reserve(self, caller: Identity) -> Reserved:
-        """Take one unit for a generation, or fail with QUOTA_EXHAUSTED until the reset."""
+    async def reserve(self, caller: Identity, *, consume: bool = False) -> Reserved:
+        """Take one unit for a generation, or fail with QUOTA_EXHAUSTED until the reset.
+
+        With `consume`, the unit is taken for good in the same single store operation (an
+        answer already in hand, which cannot fail after it): nothing is left pending to settle
+        or expire, and settling the id returned later is a no-op (applied=False)."""
         window = self.clock.window()
         if caller.user_id:
             reservation = new_user_reservation()
             try:
                 result = await self.profiles.reserve(
-                    caller.user_id, caller.email, window, reservation.uuid
+                    caller.user_id, caller.email, window, reservation.uuid, consume=consume
                 )
             finally:
                 # Even a failed attempt may have reset or created the profile.
@@ -105,12 +110,18 @@ class QuotaLedger:
         else:
             network = self._guest_network(caller)
             reservation = new_guest_reservation(guest_tag(network, window.day))
-            outcome = await self.guests.reserve(network, window, self.limits.guest, reservation)
+            outcome = await self.guests.reserve(
+                network, window, self.limits.guest, reservation, consume=consume
+            )
             status = self._guest_status(outcome.used, window)
             reserved = outcome.reserved
         if not reserved:
             raise quota_exhausted(status, window.seconds_until_reset)
         return Reserved(str(reservation), status)
+
+    async def consume(self, caller: Identity) -> Reserved:
+        """`reserve(caller, consume=True)`: one unit, committed at once."""
+        return await self.reserve(caller, consume=True)
 
     async def settle(self, reservation_id: str, settlement: Settlement) -> Settled:
         """Commit or refund a reservation. Only the first settlement counts (applied=True); a

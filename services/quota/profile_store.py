@@ -10,6 +10,10 @@ A profile's quota day is the zone-local date of its `last_reset_time`: the first
 seen on a new day, `daily_used` goes back to 0 and `last_reset_time` to now (the spec's
 `quota.resetProfileIfNeeded`).
 
+A unit taken with `consume=True` (an answer already in hand) is recorded as a row already
+`committed`, settled now, in the same transaction as the increment: nothing is pending, so the
+sweeper never expires it, and it is pruned after the retention like any settled row.
+
 A reservation nobody settles (the caller crashed or lost its connection) is expired by the
 reservation sweeper (`stale_reservations`, then `settle(..., Settlement.EXPIRE)`), and settled
 rows are deleted after a retention period (`prune_settled`). Their ages are measured on the
@@ -49,6 +53,11 @@ WHERE user_id = $1 AND daily_used > 0 RETURNING *"""
 _RESERVATION_EXISTS = "SELECT 1 FROM quota_reservations WHERE reservation_id = $1"
 _INSERT_RESERVATION = """
 INSERT INTO quota_reservations (reservation_id, user_id, quota_day) VALUES ($1, $2, $3)"""
+# Consumed: settled at birth, so neither the stale scan (state 'reserved') nor a settlement
+# (conditional on 'reserved') ever touches it; pruned like any settled row.
+_INSERT_CONSUMED = """
+INSERT INTO quota_reservations (reservation_id, user_id, quota_day, state, settled_at)
+VALUES ($1, $2, $3, 'committed', now())"""
 _SETTLE_RESERVATION = """
 UPDATE quota_reservations SET state = $2, settled_at = now()
 WHERE reservation_id = $1 AND state = 'reserved' RETURNING user_id, quota_day"""
@@ -145,9 +154,17 @@ class ProfileStore:
         return await self.db.transaction("profile_upsert", upsert)
 
     async def reserve(
-        self, user_id: str, email: str, window: QuotaWindow, reservation: uuid.UUID
+        self,
+        user_id: str,
+        email: str,
+        window: QuotaWindow,
+        reservation: uuid.UUID,
+        *,
+        consume: bool = False,
     ) -> UserReserveResult:
-        """Take one unit of today's quota if any is left, recording `reservation`."""
+        """Take one unit of today's quota if any is left, recording `reservation`: pending
+        until settled, or with `consume` already committed (one transaction either way)."""
+        insert = _INSERT_CONSUMED if consume else _INSERT_RESERVATION
 
         attempts = 0
 
@@ -162,10 +179,12 @@ class ProfileStore:
             if profile.daily_used >= self.limits.for_plan(user_plan(profile.is_pro)):
                 return UserReserveResult(reserved=False, profile=profile)
             row = await conn.fetchrow(_INCREMENT, user_id)
-            await conn.execute(_INSERT_RESERVATION, reservation, user_id, window.day)
+            await conn.execute(insert, reservation, user_id, window.day)
             return UserReserveResult(reserved=True, profile=ProfileRecord.from_row(row))
 
-        return await self.db.transaction("quota_reserve", reserve_in)
+        return await self.db.transaction(
+            "quota_consume" if consume else "quota_reserve", reserve_in
+        )
 
     async def settle(
         self, reservation: uuid.UUID, settlement: Settlement

@@ -8,6 +8,9 @@ settled with `Settlement.EXPIRE`, which gives its unit back like a refund (only 
 profile is still on the reservation's quota day) and leaves the row in state 'expired'. A
 settlement arriving after that is answered applied=False and changes nothing.
 
+A unit consumed at once (ReserveQuota with `consume`, for a cache hit) is a row born
+'committed' with its settled_at: never pending, so never expired, and pruned with the rest.
+
 Expiry is exactly-once even with several replicas sweeping at once: the settle UPDATE is
 conditional on state 'reserved', so only one of them (or a late commit/refund racing them)
 changes the row and gives the unit back; the others see "already settled".

@@ -3,7 +3,9 @@
 Reservation ids say where the reservation lives, so a settlement knows where to look:
 `g_<tag>_<uuid hex>` for a guest, where `<tag>` names the guest's state for the day (its
 Redis hash tag, or its entry in the in-memory fallback), and `u_<uuid>` for a signed-in user
-(a `quota_reservations` row). Both stay under the proto's 64 characters."""
+(a `quota_reservations` row). Both stay under the proto's 64 characters. A unit consumed at
+once (ReserveQuota with `consume`) gets an id of the same shape, already committed: settling
+it changes nothing (applied=False)."""
 
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     ) -> quota_pb2.Reservation:
         caller = request.caller
         reserved = await self.ledger.reserve(
-            Identity(user_id=caller.user_id, email=caller.email, client_ip=caller.client_ip)
+            Identity(user_id=caller.user_id, email=caller.email, client_ip=caller.client_ip),
+            consume=request.consume,
         )
         return quota_pb2.Reservation(
             reservation_id=reserved.reservation_id, quota=quota_message(reserved.quota)

@@ -70,23 +70,43 @@ class ScriptedUpstream:
 
 @dataclass
 class MemoryQuota:
+    """The quota service's contract in memory. `calls` lists every quota call in order
+    ("reserve", "consume", "settle"), as the real client would make RPCs. Settlements run in
+    the pipeline's background tasks: `settlements` lists those that finished; set `hold` to
+    keep them waiting (to see that a reply does not)."""
+
     limit: int = 10
     used: int = 0
     settlements: list[tuple[str, bool]] = field(default_factory=list)
     settle_error: Exception | None = None
     reserved: int = 0
+    consumed: int = 0
+    calls: list[str] = field(default_factory=list)
+    hold: asyncio.Event | None = None
 
-    async def reserve(self, identity: Identity) -> Reservation:
+    def _take(self, kind: str) -> quota_pb2.Quota:
+        self.calls.append(kind)
         if self.used >= self.limit:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUOTA_EXHAUSTED, "no", 60)
         self.used += 1
-        self.reserved += 1
-        quota = quota_pb2.Quota(
+        return quota_pb2.Quota(
             plan="guest", limit=self.limit, used=self.used, remaining=self.limit - self.used
         )
+
+    async def reserve(self, identity: Identity) -> Reservation:
+        quota = self._take("reserve")
+        self.reserved += 1
         return Reservation(f"r{self.reserved}", quota)
 
+    async def consume(self, identity: Identity) -> Reservation:
+        quota = self._take("consume")
+        self.consumed += 1
+        return Reservation(f"c{self.consumed}", quota)
+
     async def settle(self, reservation_id: str, commit: bool) -> None:
+        self.calls.append("settle")
+        if self.hold is not None:
+            await self.hold.wait()
         self.settlements.append((reservation_id, commit))
         if self.settle_error is not None:
             raise self.settle_error
@@ -145,3 +165,10 @@ def request(text: str = "Hi", **kwargs: Any) -> GenerationRequest:
 
 async def collect(r: Rig, req: GenerationRequest) -> list[StreamEvent]:
     return [event async for event in r.pipeline.stream(req)]
+
+
+async def settled(r: Rig) -> list[tuple[str, bool]]:
+    """The settlements, once every one the pipeline started in the background has finished
+    (replies do not wait for them)."""
+    await r.background.drain(5)
+    return r.quota.settlements

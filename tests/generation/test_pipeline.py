@@ -4,13 +4,25 @@ simulator cannot produce (failures mid-stream, cancellations, deadlines, settle 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.errors import ServiceError
+from services.generation.cache_policy import CacheOptions
 from services.generation.pipeline import Delta, Done, Failed
-from tests.generation.pipeline_rig import ScriptedUpstream, collect, request, rig, unavailable
+from tests.generation.pipeline_rig import (
+    ScriptedUpstream,
+    collect,
+    request,
+    rig,
+    settled,
+    unavailable,
+)
 from tests.images import tiny_png
 
 # -- prompts -------------------------------------------------------------------------------------
@@ -69,12 +81,12 @@ async def test_success_commits_and_failure_refunds() -> None:
     result = await r.pipeline.generate(request())
     assert result.answer.text == "Hello there friend."
     assert result.quota.used == 1
-    assert r.quota.settlements == [("r1", True)]
+    assert await settled(r) == [("r1", True)]
 
     r.upstream.error = unavailable()
     with pytest.raises(ServiceError):
         await r.pipeline.generate(request("another"))
-    assert r.quota.settlements[-1] == ("r2", False)
+    assert (await settled(r))[-1] == ("r2", False)
     assert r.quota.used == 1
 
 
@@ -83,7 +95,7 @@ async def test_a_failing_settlement_never_fails_a_good_answer() -> None:
     r.quota.settle_error = RuntimeError("quota went away")
     result = await r.pipeline.generate(request())
     assert result.answer.text
-    assert r.quota.settlements == [("r1", True)]
+    assert await settled(r) == [("r1", True)]
 
 
 async def test_a_cancelled_generation_is_refunded() -> None:
@@ -101,6 +113,126 @@ async def test_a_cancelled_generation_is_refunded() -> None:
     assert r.breaker.snapshot().failures == 0
 
 
+# -- quota calls: one per cache hit, settlements off the reply's path -----------------------------
+
+
+async def test_a_cache_hit_is_one_quota_call_that_consumes() -> None:
+    r = rig()
+    first = await r.pipeline.generate(request())
+    assert not first.cached
+    assert await settled(r) == [("r1", True)]
+    assert r.quota.calls == ["reserve", "settle"]  # a miss: reserve, then commit
+
+    r.quota.calls.clear()
+    hit = await r.pipeline.generate(request())
+    assert hit.cached and hit.answer.text == first.answer.text
+    assert hit.quota.used == 2  # the hit's unit is counted in its reply
+    streamed = await collect(r, request())
+    assert isinstance(streamed[-1], Done) and streamed[-1].result.cached
+    assert streamed[-1].result.quota.used == 3
+    await settled(r)
+    # Exactly one quota call per hit, unary or streamed, and nothing left to settle.
+    assert r.quota.calls == ["consume", "consume"]
+    assert r.quota.settlements == [("r1", True)]
+    assert len(r.upstream.prompts) == 1
+
+
+async def test_the_breaker_gates_cached_answer_is_one_consuming_call_too() -> None:
+    r = rig(ScriptedUpstream(), threshold=1)
+    await r.pipeline.generate(request("cached"))
+    r.upstream.error = unavailable()
+    with pytest.raises(ServiceError):
+        await r.pipeline.generate(request("opens the breaker"))
+    assert r.breaker.snapshot().state == "open"
+    await settled(r)
+    r.quota.calls.clear()
+    hit = await r.pipeline.generate(request("cached"))
+    assert hit.cached
+    assert r.quota.calls == ["consume"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_cache_hit_with_no_quota_left_is_still_quota_exhausted(streaming: bool) -> None:
+    r = rig()
+    await r.pipeline.generate(request())
+    r.quota.limit = r.quota.used
+    call = collect if streaming else (lambda r, req: r.pipeline.generate(req))
+    with pytest.raises(ServiceError) as caught:
+        await call(r, request())
+    assert (caught.value.code, caught.value.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "QUOTA_EXHAUSTED",
+    )
+    assert r.quota.calls[-1] == "consume"
+    assert r.quota.used == r.quota.limit
+
+
+async def test_no_cache_skips_the_hit_and_pays_as_a_miss() -> None:
+    r = rig()
+    await r.pipeline.generate(request())
+    await settled(r)
+    r.quota.calls.clear()
+    fresh = await r.pipeline.generate(request(cache=CacheOptions(no_cache=True)))
+    assert not fresh.cached
+    assert len(r.upstream.prompts) == 2
+    await settled(r)
+    assert r.quota.calls == ["reserve", "settle"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_miss_is_answered_before_its_commit_lands(streaming: bool) -> None:
+    r = rig()
+    r.quota.hold = asyncio.Event()
+    if streaming:
+        events = await asyncio.wait_for(collect(r, request()), 5)
+        assert isinstance(events[-1], Done) and not events[-1].result.cached
+        quota = events[-1].result.quota
+    else:
+        quota = (await asyncio.wait_for(r.pipeline.generate(request()), 5)).quota
+    # Answered while the commit still waits: the reserved unit already counts as used.
+    assert quota.used == r.quota.used == 1
+    assert r.quota.calls == ["reserve", "settle"]
+    assert r.quota.settlements == []
+    assert len(r.background) == 1
+    # A shutdown drains it: the commit lands (it does not wait for the TTL to expire it).
+    asyncio.get_running_loop().call_later(0.05, r.quota.hold.set)
+    assert await settled(r) == [("r1", True)]
+    assert r.quota.used == 1
+
+
+async def test_an_error_reply_does_not_wait_for_its_refund() -> None:
+    r = rig(ScriptedUpstream(error=unavailable()))
+    r.quota.hold = asyncio.Event()
+    with pytest.raises(ServiceError):
+        await asyncio.wait_for(r.pipeline.generate(request()), 5)
+    assert r.quota.settlements == []
+    r.quota.hold.set()
+    assert await settled(r) == [("r1", False)]
+    assert r.quota.used == 0
+
+
+async def test_no_info_line_per_generation_and_the_span_carries_the_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    r = rig()
+    with caplog.at_level(logging.INFO, logger="services.generation.pipeline"):
+        for _ in range(2):
+            with provider.get_tracer("test").start_as_current_span("Generate"):
+                await r.pipeline.generate(request())
+    assert [rec for rec in caplog.records if rec.name == "services.generation.pipeline"] == []
+    miss, hit = (span.attributes or {} for span in exporter.get_finished_spans())
+    assert (miss["genmesh.cache.hit"], hit["genmesh.cache.hit"]) == (False, True)
+    key = r.pipeline.prepare(request()).cache_key
+    assert miss["genmesh.cache.key"] == hit["genmesh.cache.key"] == key
+    assert hit["genmesh.quota.reservation_id"] == "c1"
+    with caplog.at_level(logging.DEBUG, logger="services.generation.pipeline"):
+        await r.pipeline.generate(request())
+    assert [rec.message for rec in caplog.records] == ["generation complete"]
+
+
 # -- streams -------------------------------------------------------------------------------------
 
 
@@ -112,7 +244,7 @@ async def test_stream_deltas_then_done() -> None:
     assert isinstance(done, Done)
     assert done.result.answer.text == "Hello there friend."
     assert not done.result.cached
-    assert r.quota.settlements == [("r1", True)]
+    assert await settled(r) == [("r1", True)]
     assert r.breaker.snapshot().successes == 1
 
     # A cached stream replays with its original chunking, and its usage.
@@ -130,7 +262,7 @@ async def test_stream_failing_midway_ends_with_an_in_band_error_and_a_refund() -
     assert isinstance(failed, Failed)
     assert failed.error.code is grpc.StatusCode.UNAVAILABLE
     assert failed.error.reason == "UPSTREAM_UNAVAILABLE"
-    assert r.quota.settlements == [("r1", False)]
+    assert await settled(r) == [("r1", False)]
     assert r.quota.used == 0
     assert r.breaker.snapshot().failures == 1
     # The partial answer was not cached.
@@ -143,7 +275,7 @@ async def test_stream_failing_after_the_last_delta_is_still_in_band() -> None:
     r = rig(ScriptedUpstream(error=unavailable(), fail_after=3))
     events = await collect(r, request())
     assert [type(e) for e in events] == [Delta, Delta, Delta, Failed]
-    assert r.quota.settlements == [("r1", False)]
+    assert await settled(r) == [("r1", False)]
 
 
 async def test_stream_failing_before_any_delta_raises() -> None:
@@ -151,7 +283,7 @@ async def test_stream_failing_before_any_delta_raises() -> None:
     with pytest.raises(ServiceError) as caught:
         await collect(r, request())
     assert caught.value.reason == "UPSTREAM_UNAVAILABLE"
-    assert r.quota.settlements == [("r1", False)]
+    assert await settled(r) == [("r1", False)]
 
 
 async def test_an_unexpected_error_midway_is_an_internal_in_band_error() -> None:
@@ -161,7 +293,7 @@ async def test_an_unexpected_error_midway_is_an_internal_in_band_error() -> None
     failed = events[-1]
     assert isinstance(failed, Failed)
     assert (failed.error.code, failed.error.reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
-    assert r.quota.settlements == [("r1", False)]
+    assert await settled(r) == [("r1", False)]
 
 
 async def test_a_client_leaving_midstream_refunds() -> None:
@@ -203,7 +335,7 @@ async def test_a_tight_client_deadline_does_not_trip_the_breaker() -> None:
     assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert caught.value.reason == "UPSTREAM_TIMEOUT"
     assert r.breaker.snapshot().failures == 0
-    assert r.quota.settlements == [("r1", False)]
+    assert await settled(r) == [("r1", False)]
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -226,7 +358,7 @@ async def test_inflight_limit_fails_fast_without_queueing() -> None:
         await r.pipeline.generate(request("second"))
     assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "OVERLOADED")
     assert caught.value.retry_after_seconds == 1
-    assert r.quota.settlements == [("r2", False)]  # the refused call's unit went back
+    assert await settled(r) == [("r2", False)]  # the refused call's unit went back
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

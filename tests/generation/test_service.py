@@ -15,8 +15,11 @@ from redis.asyncio import Redis
 
 from genmesh.generation.v1 import generation_pb2 as gen
 from genmesh.stats.v1 import stats_pb2, stats_pb2_grpc
+from services.common.client_networks import ClientNetworks
 from services.common.identity import CLIENT_IP_HEADER, USER_ID_HEADER, USER_ROLE_HEADER, Identity
 from services.generation.pipeline import GenerationRequest
+from services.quota.clock import QuotaClock
+from services.quota.guest_store import guest_tag
 from tests.generation.conftest import (
     GUEST_DAILY_LIMIT,
     Generation,
@@ -640,9 +643,19 @@ def _domain_request(text: str) -> GenerationRequest:
     return GenerationRequest(text, b"", "", "en", Identity("", "", "127.0.0.1"))
 
 
+async def operation_counts(g: Generation) -> dict[str, int]:
+    stats = await g.admin.GetPerformanceStats(gen.GetPerformanceStatsRequest(), metadata=g.admin_md)
+    return {op.name: op.count for op in stats.operations}
+
+
 async def test_performance_stats(make_generation: Any, sim: Sim) -> None:
     async with make_generation(sim, slow_operation_ms=1234) as g:
         await g.stub.Generate(prompt(), metadata=g.guest)
+
+        async def committed() -> bool:  # in the background, after the reply
+            return (await operation_counts(g)).get("quota.settle") == 1
+
+        await eventually(committed)
         stats = await g.admin.GetPerformanceStats(
             gen.GetPerformanceStatsRequest(), metadata=g.admin_md
         )
@@ -654,6 +667,72 @@ async def test_performance_stats(make_generation: Any, sim: Sim) -> None:
     assert ops["quota.reserve"].count == 1
     assert ops["quota.settle"].count == 1
     assert {"redis.get", "redis.set"} <= set(ops)
+
+
+async def test_a_cache_hit_is_one_quota_rpc_and_a_miss_commits_after_its_reply(
+    make_generation: Any, sim: Sim, quota: Quota, redis_url: str, redis_prefix: str
+) -> None:
+    """Against the real quota service: a miss reserves, is answered, and its commit lands in
+    the background (the reservation leaves pending, its unit still used: committed, neither
+    refunded nor left to expire); each hit, unary or streamed, is one ReserveQuota call that
+    consumes, with nothing pending afterwards."""
+    client = Redis.from_url(redis_url)
+    try:
+        async with make_generation(sim) as g:
+            # The guest's pending reservations in the quota service's Redis (see guest_store).
+            day = QuotaClock("UTC").window().day
+            tag = guest_tag(ClientNetworks().network_of(g.ip), day)
+            state = f"{redis_prefix}quota:guest:{{{tag}}}"
+            pending = f"{state}:pending"
+            request = prompt()
+            miss = await g.stub.Generate(request, metadata=g.guest)
+            assert not miss.cached and miss.quota.used == 1
+            assert await client.exists(state) == 1  # the right guest-day's keys
+
+            async def miss_committed() -> bool:
+                return (await operation_counts(g)).get("quota.settle") == 1 and (
+                    await client.zcard(pending) == 0
+                )
+
+            await eventually(miss_committed)
+            assert (await quota.of_guest(g.ip)).used == 1  # committed, not refunded
+
+            before = await operation_counts(g)
+            hit = await g.stub.Generate(request, metadata=g.guest)
+            streamed = await stream_events(g, request)
+            await asyncio.sleep(0.2)  # time for any background call to show
+            after = await operation_counts(g)
+            assert await client.zcard(pending) == 0  # nothing pending, nothing to expire
+    finally:
+        await client.aclose()
+
+    assert hit.cached and streamed[-1].done.cached
+    assert (hit.quota.used, streamed[-1].done.quota.used) == (2, 3)
+    quota_calls = {
+        name: after.get(name, 0) - before.get(name, 0)
+        for name in ("quota.reserve", "quota.consume", "quota.settle")
+    }
+    assert quota_calls == {"quota.reserve": 0, "quota.consume": 2, "quota.settle": 0}
+    assert (await quota.of_guest(g.ip)).used == 3
+    assert await sim.requests() == 1
+
+
+async def test_a_cache_hit_without_quota_left_is_429_quota_exhausted(
+    make_generation: Any, sim: Sim, quota: Quota
+) -> None:
+    async with make_generation(sim) as g:
+        request = prompt()
+        for _ in range(GUEST_DAILY_LIMIT):
+            assert (await g.stub.Generate(request, metadata=g.guest)).quota.used >= 1
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await g.stub.Generate(request, metadata=g.guest)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            await stream_events(g, request)
+    for err in (caught.value, streamed.value):
+        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert service_error(err).reason == "QUOTA_EXHAUSTED"
+        assert retry_after_header(err) >= 1
+    assert (await quota.of_guest(g.ip)).used == GUEST_DAILY_LIMIT
 
 
 # -- the replica's stats (genmesh.stats.v1.StatsService) -----------------------------------------
@@ -696,7 +775,9 @@ async def test_get_stats_reports_breakers_cache_and_operations(
         call = ops["openai.chat.completions", window]
         assert (call.count, call.errors, call.slow) == (1, 0, 0)
         assert 0 < call.avg_ms <= call.p95_ms <= call.max_ms
-        assert ops["quota.reserve", window].count == 2
+        # The miss reserved; the hit consumed, in one call.
+        assert ops["quota.reserve", window].count == 1
+        assert ops["quota.consume", window].count == 1
 
 
 async def test_breaker_state_in_get_stats(make_generation: Any, sim: Sim) -> None:

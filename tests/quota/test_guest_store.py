@@ -138,6 +138,28 @@ async def test_memory_guest_days_go_at_their_reset() -> None:
     assert (await store.reserve(IP, tomorrow, 3, rid(IP, tomorrow))).used == 1
 
 
+async def test_memory_consume_takes_the_unit_for_good_with_nothing_pending() -> None:
+    clock = WallClock()
+    store = memory_store(clock)
+    window = window_at(NOON)
+    consumed = rid(IP, window)
+    assert await store.reserve(IP, window, 2, consumed, consume=True) == GuestReserveResult(
+        reserved=True, used=1
+    )
+    assert not store.knows(consumed)  # nothing pending
+    clock.advance(TTL + 1)
+    assert await store.used(IP, window) == 1  # nothing to expire: the unit stays used
+    # Settling it later changes nothing.
+    for settlement in (Settlement.REFUND, Settlement.COMMIT):
+        late = await store.settle(consumed, settlement)
+        assert late == GuestSettleResult(applied=False, network=IP, day=window.day, used=1)
+    # The limit holds as for a reservation.
+    assert (await store.reserve(IP, window, 2, rid(IP, window), consume=True)).reserved
+    assert await store.reserve(IP, window, 2, rid(IP, window), consume=True) == (
+        GuestReserveResult(reserved=False, used=2)
+    )
+
+
 async def test_memory_stays_exact_under_concurrency() -> None:
     store = memory_store()
     window = window_at(NOON)
@@ -166,10 +188,16 @@ class FlakyPrimary:
         return await self.memory.used(network, window)
 
     async def reserve(
-        self, network: str, window: QuotaWindow, limit: int, reservation: ReservationId
+        self,
+        network: str,
+        window: QuotaWindow,
+        limit: int,
+        reservation: ReservationId,
+        *,
+        consume: bool = False,
     ) -> GuestReserveResult:
         self._check()
-        return await self.memory.reserve(network, window, limit, reservation)
+        return await self.memory.reserve(network, window, limit, reservation, consume=consume)
 
     async def settle(
         self, reservation: ReservationId, settlement: Settlement
@@ -213,6 +241,28 @@ async def test_fallback_settle_of_a_primary_reservation_while_it_is_down() -> No
     await store.reserve(IP, window, 3, reservation)
     primary.up = False
     assert await store.settle(reservation, Settlement.REFUND) is None
+
+
+async def test_fallback_consume_takes_the_unit_where_it_is_served() -> None:
+    primary = FlakyPrimary()
+    fallback = memory_store()
+    store = FallbackGuestQuotaStore(primary, fallback)
+    window = window_at(NOON)
+
+    in_memory = rid(IP, window)
+    assert (await store.reserve(IP, window, 1, in_memory, consume=True)).reserved
+    assert await fallback.used(IP, window) == 1
+    assert not fallback.knows(in_memory)  # nothing pending to settle there
+    exhausted = await store.reserve(IP, window, 1, rid(IP, window), consume=True)
+    assert exhausted == GuestReserveResult(reserved=False, used=1)
+
+    primary.up = True
+    in_primary = rid(IP, window)
+    assert (await store.reserve(IP, window, 1, in_primary, consume=True)).reserved
+    assert await primary.memory.used(IP, window) == 1
+    assert not primary.memory.knows(in_primary)
+    late = await store.settle(in_primary, Settlement.REFUND)
+    assert late is not None and not late.applied and late.used == 1
 
 
 def test_client_networks_count_prefixes() -> None:

@@ -76,6 +76,22 @@ async def test_guest_quota_scripts_run_on_the_cluster(redis: ResilientRedis) -> 
     assert await store.used(ip, window) == 1
 
 
+async def test_guest_consume_runs_on_the_cluster(redis: ResilientRedis) -> None:
+    store = RedisGuestQuotaStore(redis, ttl_seconds=0.3)
+    window = QuotaClock().window()
+    ip = unique_ip()
+    rids = [new_guest_reservation(guest_tag(ip, window.day)) for _ in range(3)]
+    results = await asyncio.gather(*(store.reserve(ip, window, 2, r, consume=True) for r in rids))
+    assert sorted(r.reserved for r in results) == [False, True, True]
+    consumed = next(rid for rid, r in zip(rids, results, strict=True) if r.reserved)
+    assert redis.client is not None
+    assert await redis.client.zcard(store.keys(consumed.tag)[1]) == 0  # nothing pending
+    await asyncio.sleep(0.5)  # past the TTL: nothing expires, both units stay used
+    assert await store.used(ip, window) == 2
+    late = await store.settle(consumed, Settlement.REFUND)
+    assert late is not None and (late.applied, late.used) == (False, 2)
+
+
 async def test_rate_limit_scripts_run_on_the_cluster(redis: ResilientRedis) -> None:
     limiter = RedisLimiter(redis)
     who = Subject(Scope.IP, f"2001:db8:{uuid.uuid4().hex[:4]}::/64")

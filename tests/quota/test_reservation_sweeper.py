@@ -172,6 +172,53 @@ async def test_a_stale_reservation_expires_and_gives_its_unit_back_once(
     assert await state_of(db, young) == "reserved"
 
 
+async def test_a_consumed_unit_is_committed_at_once_never_expires_and_is_pruned(
+    profiles: ProfileStore, db: asyncpg.Connection
+) -> None:
+    user_id, email = unique_user()
+    (reserved,) = await reserve(profiles, user_id, email, 1)
+    consumed = uuid.uuid4()
+    window = profiles.clock.window()
+    result = await profiles.reserve(user_id, email, window, consumed, consume=True)
+    assert result.reserved and result.profile.daily_used == 2
+    row = await db.fetchrow(
+        "SELECT state, settled_at, quota_day FROM quota_reservations WHERE reservation_id = $1",
+        consumed,
+    )
+    assert row is not None
+    assert (row["state"], row["quota_day"]) == ("committed", window.day)
+    assert row["settled_at"] is not None
+    # Nothing pending: however old, the sweeper finds nothing to expire.
+    await age_created(db, consumed, TTL + 60)
+    assert consumed not in await profiles.stale_reservations(TTL, 100_000)
+    await sweeper_for(profiles).sweep_once()
+    assert await state_of(db, consumed) == "committed"
+    assert await daily_used(db, user_id) == 2
+    # A later settlement of its id changes nothing.
+    for settlement in (Settlement.REFUND, Settlement.COMMIT):
+        late = await profiles.settle(consumed, settlement)
+        assert late is not None and not late.applied and late.profile.daily_used == 2
+    # Pruned after the retention like any settled row; the pending one is kept.
+    await age_settled(db, consumed, RETENTION + 60)
+    await sweeper_for(profiles).sweep_once()
+    assert await state_of(db, consumed) is None
+    assert await state_of(db, reserved) == "reserved"
+
+
+async def test_consume_is_refused_at_the_limit_like_reserve(
+    profiles: ProfileStore, db: asyncpg.Connection
+) -> None:
+    user_id, email = unique_user()
+    window = profiles.clock.window()
+    for _ in range(FREE_LIMIT):
+        assert (await profiles.reserve(user_id, email, window, uuid.uuid4(), consume=True)).reserved
+    refused = uuid.uuid4()
+    result = await profiles.reserve(user_id, email, window, refused, consume=True)
+    assert not result.reserved and result.profile.daily_used == FREE_LIMIT
+    assert await state_of(db, refused) is None  # no row for a unit not taken
+    assert await daily_used(db, user_id) == FREE_LIMIT
+
+
 async def test_a_reservation_younger_than_the_ttl_is_untouched(
     profiles: ProfileStore, db: asyncpg.Connection
 ) -> None:

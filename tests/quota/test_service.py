@@ -305,6 +305,58 @@ async def test_free_user_exhausted_error(quota: RunningQuota) -> None:
     assert_exhausted(err, FREE_LIMIT, "free")
 
 
+# -- consuming at once (an answer already in hand) --------------------------------------------
+
+
+def consuming(request: quota_pb2.ReserveQuotaRequest) -> quota_pb2.ReserveQuotaRequest:
+    request.consume = True
+    return request
+
+
+async def test_guest_consume_is_committed_at_once_and_exhausts_like_reserve(
+    quota: RunningQuota,
+) -> None:
+    ip = unique_ip()
+    taken = [await quota.stub.ReserveQuota(consuming(guest(ip))) for _ in range(GUEST_LIMIT)]
+    assert [t.quota.used for t in taken] == list(range(1, GUEST_LIMIT + 1))
+    assert taken[0].reservation_id.startswith("g_")
+    assert_exhausted(
+        await failure(quota.stub.ReserveQuota(consuming(guest(ip)))), GUEST_LIMIT, "guest"
+    )
+    # Already committed: settling it is a harmless no-op, a refund gives nothing back.
+    for outcome in (quota_pb2.OUTCOME_REFUND, quota_pb2.OUTCOME_COMMIT):
+        late = await quota.stub.SettleReservation(settle(taken[0].reservation_id, outcome))
+        assert not late.applied and late.quota.used == GUEST_LIMIT
+
+
+async def test_user_consume_is_one_committed_row_and_exhausts_like_reserve(
+    quota: RunningQuota, db: asyncpg.Connection
+) -> None:
+    user_id, email = unique_user()
+    pending = await quota.stub.ReserveQuota(user(user_id, email))
+    consumed = await quota.stub.ReserveQuota(consuming(user(user_id, email)))
+    assert consumed.reservation_id.startswith("u_")
+    assert (consumed.quota.plan, consumed.quota.used) == ("free", 2)
+    rows = await db.fetch(
+        "SELECT reservation_id::text AS id, state, settled_at IS NOT NULL AS settled"
+        " FROM quota_reservations WHERE user_id = $1",
+        user_id,
+    )
+    states = {row["id"]: (row["state"], row["settled"]) for row in rows}
+    assert states == {
+        pending.reservation_id.removeprefix("u_"): ("reserved", False),
+        consumed.reservation_id.removeprefix("u_"): ("committed", True),
+    }
+    late = await quota.stub.SettleReservation(
+        settle(consumed.reservation_id, quota_pb2.OUTCOME_REFUND)
+    )
+    assert not late.applied and late.quota.used == 2
+    for _ in range(FREE_LIMIT - 2):
+        await quota.stub.ReserveQuota(consuming(user(user_id, email)))
+    err = await failure(quota.stub.ReserveQuota(consuming(user(user_id, email))))
+    assert_exhausted(err, FREE_LIMIT, "free")
+
+
 # -- validation and health -----------------------------------------------------------------------
 
 

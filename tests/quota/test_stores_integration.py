@@ -127,6 +127,29 @@ async def test_redis_unsettled_reservation_expires_and_gives_its_unit_back(
     assert (await store.reserve(ip, window, 2, rid(ip, window))).reserved
 
 
+async def test_redis_consume_takes_the_unit_for_good_with_nothing_pending(
+    redis: ResilientRedis,
+) -> None:
+    store = RedisGuestQuotaStore(redis, ttl_seconds=0.3)
+    window = QuotaClock().window()
+    ip = unique_ip()
+    consumed = rid(ip, window)
+    result = await store.reserve(ip, window, 2, consumed, consume=True)
+    assert (result.reserved, result.used) == (True, 1)
+    assert redis.client is not None
+    state, pending = store.keys(consumed.tag)
+    assert await redis.client.zcard(pending) == 0  # nothing pending
+    assert await redis.client.expiretime(state) == int(window.resets_at.timestamp())
+
+    await asyncio.sleep(0.5)  # past the reservation TTL: nothing expires
+    assert await store.used(ip, window) == 1
+    late = await store.settle(consumed, Settlement.REFUND)
+    assert late is not None and (late.applied, late.used) == (False, 1)
+    assert (await store.reserve(ip, window, 2, rid(ip, window), consume=True)).reserved
+    exhausted = await store.reserve(ip, window, 2, rid(ip, window), consume=True)
+    assert (exhausted.reserved, exhausted.used) == (False, 2)
+
+
 async def test_redis_counts_per_day(redis: ResilientRedis) -> None:
     now = MovableNow()
     clock = QuotaClock("America/New_York", now=now)
