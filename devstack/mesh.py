@@ -5,14 +5,16 @@ end-to-end tests both use it, so what the tests prove is what a developer runs."
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,10 @@ from devstack.infra import InfraError, die_with_parent, free_port, port_open
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT_SECONDS = 12.0  # each child drains within SHUTDOWN_GRACE_SECONDS; all stop < 15 s
+# How long stop() lets each Envoy finish the requests it is serving (after
+# /drain_listeners?graceful) before the SIGTERMs: short, since Ctrl-C should be quick, and
+# the whole stop stays under 15 s.
+GATEWAY_DRAIN_SECONDS = 2.0
 
 
 def simulator_key() -> str:
@@ -34,6 +40,21 @@ def simulator_key() -> str:
 def _addr(host_port: str) -> tuple[str, int]:
     host, _, port = host_port.rpartition(":")
     return host or "127.0.0.1", int(port)
+
+
+def grpc_target(addrs: str) -> str:
+    """What a service's gRPC channel dials for a *_ADDR: one host:port as it is; several
+    (comma-separated IPv4 endpoints: replicas on processes) as gRPC's static `ipv4:` target,
+    which the channels' round_robin policy spreads calls over (unreachable ones skipped), as
+    it spreads them over the addresses of a headless Service's name in Kubernetes."""
+    parts = [part.strip() for part in addrs.split(",") if part.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    for part in parts:
+        host, _ = _addr(part)
+        if not isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address):
+            raise InfraError(f"several endpoints must be IPv4 host:port pairs, got {part!r}")
+    return "ipv4:" + ",".join(parts)
 
 
 @dataclass
@@ -108,6 +129,12 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    # Envoy's admin API port (gateways only): stop() drains them through it.
+    admin_port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 class Mesh:
@@ -127,9 +154,10 @@ class Mesh:
                 "DATABASE_URL": c.database_url,
                 "REDIS_URL": c.redis_url,
                 "REDIS_KEY_PREFIX": c.redis_key_prefix,
-                "GENERATION_ADDR": c.generation_addr,
-                "QUOTA_ADDR": c.quota_addr,
-                "TELEMETRY_ADDR": c.telemetry_addr,
+                # gRPC targets for the services (the gateway gets the plain lists).
+                "GENERATION_ADDR": grpc_target(c.generation_addr),
+                "QUOTA_ADDR": grpc_target(c.quota_addr),
+                "TELEMETRY_ADDR": grpc_target(c.telemetry_addr),
             }
         )
         if c.uses_simulator:
@@ -159,9 +187,24 @@ class Mesh:
         )
         return env
 
+    def _gateway_env(self) -> dict[str, str]:
+        c = self.config
+        env = self._base_env()
+        # Envoy takes every endpoint of a service as a host of its cluster.
+        env.update(
+            {
+                "GENERATION_ADDR": c.generation_addr,
+                "QUOTA_ADDR": c.quota_addr,
+                "TELEMETRY_ADDR": c.telemetry_addr,
+            }
+        )
+        return env
+
     # -- processes ---------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], admin_port: int | None = None
+    ) -> Child:
         log = self.config.log_dir / f"{name}.log"
         with log.open("ab") as out:
             # Own session: a terminal's Ctrl-C reaches only us, and we stop children in order.
@@ -175,7 +218,7 @@ class Mesh:
                 start_new_session=True,
                 preexec_fn=die_with_parent(),  # noqa: PLW1509 - see die_with_parent
             )
-        child = Child(name, proc, log)
+        child = Child(name, proc, log, admin_port)
         self.children.append(child)
         return child
 
@@ -184,7 +227,7 @@ class Mesh:
             tail = child.log.read_text(errors="replace")[-3000:]
             raise InfraError(f"{child.name} exited with code {child.process.returncode}:\n{tail}")
 
-    def _wait_grpc_serving(self, child: Child, addr: str, timeout: float = 60) -> None:
+    def wait_grpc_serving(self, child: Child, addr: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         last = "no answer"
         with grpc.insecure_channel(addr) as channel:
@@ -223,25 +266,38 @@ class Mesh:
 
     def _start(self) -> None:
         c = self.config
-        python = sys.executable
         for addr in (c.generation_addr, c.quota_addr, c.telemetry_addr):
             if port_open(*_addr(addr)):
                 raise InfraError(f"{addr} is already in use: is another genmesh running?")
         if c.uses_simulator:
-            sim = self._spawn("simulator", [python, "-m", "simulator"], self._simulator_env())
-            self._wait_http(sim, f"{c.simulator_url}/healthz")
-        for name, addr in (("quota", c.quota_addr), ("telemetry", c.telemetry_addr)):
-            child = self._spawn(
-                name, [python, "-m", f"services.{name}"], self._service_env(name, addr)
-            )
-            self._wait_grpc_serving(child, addr)
-        gen = self._spawn(
-            "generation",
-            [python, "-m", "services.generation"],
-            self._service_env("generation", c.generation_addr),
-        )
-        self._wait_grpc_serving(gen, c.generation_addr)
+            self.start_simulator()
+        for name, addr in (
+            ("quota", c.quota_addr),
+            ("telemetry", c.telemetry_addr),
+            ("generation", c.generation_addr),
+        ):
+            self.start_service(name, addr)
         self._start_envoy()
+
+    def start_simulator(self) -> Child:
+        sim = self._spawn("simulator", [sys.executable, "-m", "simulator"], self._simulator_env())
+        self._wait_http(sim, f"{self.config.simulator_url}/healthz")
+        return sim
+
+    def start_service(self, service: str, addr: str, name: str = "") -> Child:
+        """One replica of `service` listening on `addr`, returned once it is SERVING."""
+        child = self.spawn_service(service, addr, name)
+        self.wait_grpc_serving(child, addr)
+        return child
+
+    def spawn_service(self, service: str, addr: str, name: str = "") -> Child:
+        """Start one replica of `service` on `addr` without waiting for it; `name` (its log's
+        name) defaults to the service's."""
+        return self._spawn(
+            name or service,
+            [sys.executable, "-m", f"services.{service}"],
+            self._service_env(service, addr),
+        )
 
     def _start_envoy(self) -> None:
         c = self.config
@@ -256,13 +312,16 @@ class Mesh:
         admin_port: int,
         overrides: Mapping[str, str] | None = None,
         ops_port: int | None = None,
+        healthy: Collection[str] | None = None,
     ) -> Child:
         """An Envoy in front of the services, run as in the container (render the config from
         the environment, then become Envoy), with `overrides` on top of that environment;
-        returned once it routes. The mesh's own is one; `make bench` starts another with
-        different settings. `stop()` stops it with the rest, `stop_child()` before."""
+        returned once it routes: once every upstream host its health checks know, or those
+        listed in `healthy` ("host:port"), is healthy. The mesh's own is one; `make bench`
+        starts another with different settings. `stop()` drains and stops it with the rest,
+        `stop_child()` before."""
         c = self.config
-        env = self._base_env()
+        env = self._gateway_env()
         env.update(
             {
                 "GATEWAY_LISTEN_HOST": c.gateway_host,
@@ -285,19 +344,39 @@ class Mesh:
                 "--exec",
             ],
             env,
+            admin_port=admin_port,
         )
-        admin = f"http://127.0.0.1:{admin_port}"
-        self._wait_http(child, f"{admin}/ready", expect="LIVE")
+        self._wait_http(child, f"http://127.0.0.1:{admin_port}/ready", expect="LIVE")
         # Envoy routes only to hosts its gRPC health checks have seen SERVING.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"{admin}/clusters", timeout=2) as reply:  # noqa: S310
-                lines = reply.read().decode().splitlines()
-            flags = [line for line in lines if "::health_flags::" in line]
-            if flags and all(line.endswith("::healthy") for line in flags):
+            self._check_alive(child)
+            hosts = upstream_health(admin_port)
+            wanted = hosts if healthy is None else {a: hosts.get(a, False) for a in healthy}
+            if wanted and all(wanted.values()):
                 return child
             time.sleep(0.2)
-        raise InfraError(f"{name}: Envoy's upstream clusters did not all become healthy in 30s")
+        raise InfraError(f"{name}: Envoy's upstream hosts did not all become healthy in 30s")
+
+    def drain_gateway(self, child: Child, limit: float, settle: float = 0.0) -> bool:
+        """What the gateway's preStop hook does in Kubernetes: POST /drain_listeners?graceful
+        (from then on every response closes its connection, and the listeners still accept),
+        then wait `settle` seconds and until no request is in flight, at most `limit` seconds
+        in all. True when it drained within the limit."""
+        if child.admin_port is None or child.process.poll() is not None:
+            return True
+        url = f"http://127.0.0.1:{child.admin_port}/drain_listeners?graceful"
+        started = time.monotonic()
+        try:
+            request = urllib.request.Request(url, method="POST")
+            urllib.request.urlopen(request, timeout=2).close()  # noqa: S310 - loopback only
+        except OSError:
+            return False
+        while (elapsed := time.monotonic() - started) < limit:
+            if elapsed >= settle and gateway_stat(child.admin_port, ACTIVE_REQUESTS) == 0:
+                return True
+            time.sleep(0.1)
+        return False
 
     def stop_child(self, child: Child) -> None:
         """Stop one child now (SIGTERM, then SIGKILL after the timeout)."""
@@ -314,8 +393,13 @@ class Mesh:
             self.children.remove(child)
 
     def stop(self) -> None:
-        """SIGTERM in reverse start order (Envoy first, so no new requests arrive), then wait;
+        """Drain every Envoy (each request it serves finishes, for up to GATEWAY_DRAIN_SECONDS),
+        then SIGTERM in reverse start order (Envoy first, so no new requests arrive) and wait;
         whatever is still running after the timeout is killed."""
+        gateways = [c for c in self.children if c.admin_port is not None]
+        deadline = time.monotonic() + GATEWAY_DRAIN_SECONDS
+        for gateway in gateways:
+            self.drain_gateway(gateway, limit=max(0.0, deadline - time.monotonic()))
         for child in reversed(self.children):
             if child.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -330,3 +414,41 @@ class Mesh:
                     os.killpg(child.process.pid, signal.SIGKILL)
                 child.process.wait()
         self.children.clear()
+
+
+# Envoy's count of requests in flight on the public listener.
+ACTIVE_REQUESTS = "http.public.downstream_rq_active"
+# ... and of client connections open to it.
+ACTIVE_CONNECTIONS = "http.public.downstream_cx_active"
+
+
+def gateway_stat(admin_port: int, name: str) -> int | None:
+    """One counter or gauge from an Envoy's admin API; None when it does not answer."""
+    query = urllib.parse.quote(f"^{name.replace('.', '[.]')}$")
+    url = f"http://127.0.0.1:{admin_port}/stats?filter={query}"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            line = reply.read().decode().strip()
+        return int(line.rpartition(":")[2] or 0)
+    except (OSError, ValueError):
+        return None
+
+
+def upstream_health(admin_port: int) -> dict[str, bool]:
+    """Every upstream host of an Envoy ("host:port") and whether it is healthy (routed to: no
+    health flag set, e.g. its gRPC health checks found it SERVING); empty when Envoy does not
+    answer."""
+    url = f"http://127.0.0.1:{admin_port}/clusters"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            lines = reply.read().decode().splitlines()
+    except OSError:
+        return {}
+    health: dict[str, bool] = {}
+    for line in lines:
+        # <cluster>::<host:port>::health_flags::<flags>; "healthy" when no flag is set.
+        _, _, rest = line.partition("::")
+        host, _, flags = rest.partition("::health_flags::")
+        if flags:
+            health[host] = flags == "healthy"
+    return health

@@ -78,6 +78,10 @@ POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaS
 GATEWAY_DEFAULT_GENERATE_TIMEOUT_SECONDS = 60
 # Envoy's drain (the gateway's preStop hook and the options it relies on).
 ENVOY_DRAIN_PATH = "/drain_listeners?graceful"
+# Envoy's --drain-time-s when GATEWAY_DRAIN_TIME_SECONDS is not set (services/gateway/settings.py);
+# render.py also passes --drain-strategy immediate.
+GATEWAY_DEFAULT_DRAIN_TIME_SECONDS = 80
+GATEWAY_RENDER = ["python3", "-m", "services.gateway.render"]
 # The Secret key of the migrator role (owns the schema): only the migrations and the partition
 # maintenance may read it; the services connect with DATABASE_URL (data rights only).
 MIGRATE_SECRET_KEY = "MIGRATE_DATABASE_URL"  # noqa: S105 - a key name, not a value
@@ -444,18 +448,30 @@ def option_value(argv: list[str], option: str) -> str | None:
 def gateway_drain_errors(objects: list[Obj], deployment: Obj, container: Obj) -> list[str]:
     """Envoy exits at once on SIGTERM, so its preStop hook drains it: POST
     /drain_listeners?graceful, then wait (args: the endpoint-removal delay, the most it waits)
-    until no request is in flight. Envoy must close connections at once from the drain
-    (--drain-strategy immediate) and keep its listeners accepting for longer than the hook
-    waits (--drain-time-s), the hook must outlast the longest request, and the grace period
-    the hook."""
+    until no request is in flight. The container must start Envoy through render.py's --exec
+    (the image's command), which passes --drain-strategy immediate (every connection closes
+    after its next response from the drain on) and --drain-time-s GATEWAY_DRAIN_TIME_SECONDS
+    (how long the listeners keep accepting: longer than the hook waits); the hook must outlast
+    the longest request, and the grace period the hook."""
     name = "Deployment/gateway"
     command = [str(a) for a in container.get("command", []) + container.get("args", [])]
-    drain_time = option_value(command, "--drain-time-s")
     errors = []
-    if option_value(command, "--drain-strategy") != "immediate":
-        errors.append(f"{name}: Envoy needs --drain-strategy immediate")
-    if drain_time is None or not drain_time.isdigit():
-        return [*errors, f"{name}: Envoy needs an explicit --drain-time-s"]
+    if command and (command[:3] != GATEWAY_RENDER or "--exec" not in command):
+        errors.append(
+            f"{name}: the command must be the image's ({' '.join(GATEWAY_RENDER)} --out "
+            "<file> --exec), which starts Envoy with its drain options"
+        )
+    if option_value(command, "--drain-strategy") or option_value(command, "--drain-time-s"):
+        errors.append(
+            f"{name}: Envoy's drain options come from render.py (GATEWAY_DRAIN_TIME_SECONDS), "
+            "not the command"
+        )
+    drain_time = str(
+        config_map_values(objects, container).get("GATEWAY_DRAIN_TIME_SECONDS")
+        or GATEWAY_DEFAULT_DRAIN_TIME_SECONDS
+    )
+    if not drain_time.isdigit():
+        return [*errors, f"{name}: GATEWAY_DRAIN_TIME_SECONDS must be a number of seconds"]
     hook = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     hook = [str(a) for a in hook]
     if not any(ENVOY_DRAIN_PATH in a for a in hook) or len(hook) < 2:
@@ -472,8 +488,8 @@ def gateway_drain_errors(objects: list[Obj], deployment: Obj, container: Obj) ->
         )
     if int(drain_time) < limit:
         errors.append(
-            f"{name}: --drain-time-s {drain_time} < the preStop's {limit:g} s: the listeners "
-            "would close (and liveness fail) while requests still drain"
+            f"{name}: GATEWAY_DRAIN_TIME_SECONDS {drain_time} < the preStop's {limit:g} s: the "
+            "listeners would close (and liveness fail) while requests still drain"
         )
     period = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
     if period < limit + STOP_MARGIN_SECONDS:

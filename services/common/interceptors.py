@@ -5,6 +5,7 @@ exceptions behind INTERNAL (logged with the trace id), and records per-RPC metri
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -125,6 +126,26 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
+            handler.unary_stream
+        ):
+            # A streaming handler that writes with `context.write` (grpc.health.v1 Watch, which
+            # the services' channels use for client-side health checking), not an async
+            # generator: wrap it as one too.
+            inner_writer: Any = handler.unary_stream
+
+            async def writer(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                async with _guarded(context, full_method):
+                    if validate:
+                        validate_request(request)
+                    await inner_writer(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                writer,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

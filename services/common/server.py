@@ -119,7 +119,13 @@ class GrpcService:
         self.on_drain = list(on_drain)
         self.health = AsyncHealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[server_interceptor(lean_services), ServiceInterceptor(lean_services)],
+            interceptors=[
+                # grpc.health.v1 is never traced either: Envoy's checks every 2 s and the
+                # channels' Watch streams would each start a trace (and the tracing
+                # interceptor cannot wrap Watch, which writes with context.write).
+                server_interceptor([*lean_services, health.SERVICE_NAME]),
+                ServiceInterceptor(lean_services),
+            ],
             options=SERVER_OPTIONS,
         )
         register(self.server)
@@ -188,7 +194,8 @@ class GrpcService:
             await self.refresh_health()
 
     async def stop(self) -> None:
-        """NOT_SERVING first so load balancers stop sending, then drain, then close."""
+        """NOT_SERVING first so load balancers stop sending (still serving for
+        SHUTDOWN_DRAIN_DELAY_SECONDS while they notice), then drain, then close."""
         if self._stopping:
             return
         self._stopping = True
@@ -200,6 +207,10 @@ class GrpcService:
             self._probe_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe_task
+        if self.settings.shutdown_drain_delay_seconds > 0:
+            # Callers see NOT_SERVING (every name, `liveness` included) and move away; calls
+            # that still arrive are served. server.stop() would refuse them.
+            await asyncio.sleep(self.settings.shutdown_drain_delay_seconds)
         await self._run_hooks(self.on_drain)
         await self.server.stop(self.settings.shutdown_grace_seconds)
         await self._run_hooks(self.on_stop)

@@ -27,6 +27,14 @@ class ServiceSettings(BaseSettings):
     slow_operation_ms: float = Field(default=1000.0, alias="SLOW_OPERATION_MS", gt=0)
     # How long in-flight RPCs may finish after SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = Field(default=10.0, alias="SHUTDOWN_GRACE_SECONDS", ge=0)
+    # After SIGTERM, how long the replica keeps taking calls while it reports NOT_SERVING, before
+    # the drain above: time for its callers to stop sending (Envoy's health checks, every 2 s,
+    # take a NOT_SERVING host out at the next check; the services' channels watch the
+    # `liveness` status and move at once). 0: it stops taking calls at once, and a call that
+    # reaches it in that instant fails with CANCELLED.
+    shutdown_drain_delay_seconds: float = Field(
+        default=0.0, alias="SHUTDOWN_DRAIN_DELAY_SECONDS", ge=0
+    )
     # How often dependency health is probed for grpc.health.v1.
     health_probe_interval_seconds: float = Field(
         default=5.0, alias="HEALTH_PROBE_INTERVAL_SECONDS", gt=0

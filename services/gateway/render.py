@@ -22,9 +22,22 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.gateway.jwt_providers import TYPE_URL, jwks_clusters, providers, requirement
-from services.gateway.settings import DEFAULT_DESCRIPTOR_SET, GatewaySettings, split_addr
+from services.gateway.settings import (
+    DEFAULT_DESCRIPTOR_SET,
+    GatewaySettings,
+    split_addr,
+    split_addrs,
+)
 
-__all__ = ["DEFAULT_DESCRIPTOR_SET", "GatewaySettings", "config_warnings", "render", "split_addr"]
+__all__ = [
+    "DEFAULT_DESCRIPTOR_SET",
+    "GatewaySettings",
+    "config_warnings",
+    "lb_endpoints",
+    "render",
+    "split_addr",
+    "split_addrs",
+]
 
 TEMPLATE = Path(__file__).resolve().with_name("envoy.yaml.tmpl")
 HSTS_VALUE = "max-age=63072000; includeSubDomains"
@@ -97,22 +110,25 @@ def transcoder(settings: GatewaySettings, max_request_bytes: int) -> dict[str, A
     }
 
 
+def lb_endpoints(addrs: str) -> list[dict[str, Any]]:
+    """A cluster's `lb_endpoints`: one per host:port of a comma-separated *_ADDR (usually one
+    name, which STRICT_DNS resolves to every address behind it)."""
+    return [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        for host, port in split_addrs(addrs)
+    ]
+
+
 def substitutions(settings: GatewaySettings) -> dict[str, str]:
-    generation_host, generation_port = split_addr(settings.generation_addr)
-    quota_host, quota_port = split_addr(settings.quota_addr)
-    telemetry_host, telemetry_port = split_addr(settings.telemetry_addr)
     jwt_providers = providers(settings)
     return {
         "LISTEN_HOST": _q(settings.listen_host),
         "LISTEN_PORT": str(settings.port),
         "ADMIN_PORT": str(settings.admin_port),
         "OPS_PORT": str(settings.ops_port),
-        "GENERATION_HOST": _q(generation_host),
-        "GENERATION_PORT": str(generation_port),
-        "QUOTA_HOST": _q(quota_host),
-        "QUOTA_PORT": str(quota_port),
-        "TELEMETRY_HOST": _q(telemetry_host),
-        "TELEMETRY_PORT": str(telemetry_port),
+        "GENERATION_ENDPOINTS": _q(lb_endpoints(settings.generation_addr)),
+        "QUOTA_ENDPOINTS": _q(lb_endpoints(settings.quota_addr)),
+        "TELEMETRY_ENDPOINTS": _q(lb_endpoints(settings.telemetry_addr)),
         "TRANSCODER": _q(transcoder(settings, settings.max_body_bytes)),
         "TRANSCODER_GENERATE": _q(transcoder(settings, settings.max_request_bytes)),
         "JWT_PROVIDERS": _q(jwt_providers),
@@ -187,6 +203,13 @@ def envoy_command(settings: GatewaySettings, config_path: Path) -> list[str]:
         '{"time":"%Y-%m-%dT%T.%e%z","level":"%l","logger":"envoy.%n","message":"%j"}',
         # No hot restart: no shared memory, so several Envoys (tests, local runs) never collide.
         "--disable-hot-restart",
+        # What /drain_listeners?graceful does (see GatewaySettings.drain_time_seconds): every
+        # connection closes after its next response at once, while the listeners accept for
+        # GATEWAY_DRAIN_TIME_SECONDS.
+        "--drain-strategy",
+        "immediate",
+        "--drain-time-s",
+        str(settings.drain_time_seconds),
         *(["--concurrency", str(settings.concurrency)] if settings.concurrency else []),
     ]
 

@@ -43,6 +43,17 @@ def split_addr(addr: str) -> tuple[str, int]:
     return _check_host(host), number
 
 
+def split_addrs(value: str) -> list[tuple[str, int]]:
+    """Split "host:port[,host:port...]" (one service's endpoints) into (host, port) pairs."""
+    parts = [part.strip() for part in value.split(",")]
+    if not all(parts):
+        raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+    endpoints = [split_addr(part) for part in parts]
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError(f"an endpoint is listed twice in {value!r}")
+    return endpoints
+
+
 def _split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -75,7 +86,9 @@ class GatewaySettings(BaseSettings):
     # The operations listener (on GATEWAY_LISTEN_HOST): /stats/prometheus and /ready only,
     # proxied to the loopback admin API, for Prometheus and the kubelet.
     ops_port: int = Field(default=9902, ge=1, le=65535, alias="GATEWAY_OPS_PORT")
-    # gRPC upstreams, host:port; a host may be an IP or a DNS name (STRICT_DNS clusters).
+    # gRPC upstreams, host:port; a host may be an IP or a DNS name (STRICT_DNS clusters). Several
+    # endpoints, comma-separated ("127.0.0.1:50061,127.0.0.1:50062"), are one cluster's hosts:
+    # replicas on processes (the rollout drill). Kubernetes names one headless Service instead.
     generation_addr: str = Field(default="127.0.0.1:50051", alias="GENERATION_ADDR")
     quota_addr: str = Field(default="127.0.0.1:50052", alias="QUOTA_ADDR")
     telemetry_addr: str = Field(default="127.0.0.1:50053", alias="TELEMETRY_ADDR")
@@ -158,6 +171,15 @@ class GatewaySettings(BaseSettings):
         default=None, ge=1, le=3600, alias="GATEWAY_GENERATE_STREAM_TIMEOUT_SECONDS"
     )
 
+    # -- draining (`--exec` only) -------------------------------------------------------------
+    # Envoy's --drain-time-s: after POST /drain_listeners?graceful (the Kubernetes preStop hook,
+    # devstack's stop, the rollout drill) the listeners keep accepting this long while every
+    # response closes its connection (--drain-strategy immediate: HTTP/1.1 "Connection: close",
+    # HTTP/2 GOAWAY), so clients move elsewhere without a refused connection. It must outlast
+    # whoever drains: the preStop waits up to 80 s (15 s + a 60 s stream + a margin). Envoy
+    # exits at once on SIGTERM whatever this says: the drain happens before it.
+    drain_time_seconds: int = Field(default=80, ge=1, le=3600, alias="GATEWAY_DRAIN_TIME_SECONDS")
+
     # Envoy worker threads (`--exec` only). 0 = Envoy's default, one per CPU of the machine,
     # which in a container means the node's CPUs, not the pod's limit: set it there.
     concurrency: int = Field(default=0, ge=0, le=256, alias="GATEWAY_CONCURRENCY")
@@ -174,7 +196,7 @@ class GatewaySettings(BaseSettings):
     @field_validator("generation_addr", "quota_addr", "telemetry_addr")
     @classmethod
     def _addr(cls, value: str) -> str:
-        split_addr(value)
+        split_addrs(value)
         return value
 
     @field_validator("descriptor_set")

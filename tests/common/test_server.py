@@ -7,6 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.channels import internal_channel
 from services.common.server import LIVENESS_SERVICE, Dependency, GrpcService
 from services.common.settings import ServiceSettings
 
@@ -136,3 +137,64 @@ async def test_sigterm_style_stop_lets_a_stream_in_flight_keep_streaming() -> No
             await messages.__anext__()
         assert await stream.code() is grpc.StatusCode.OK
         await asyncio.wait_for(stopping, 5)
+
+
+async def test_drain_delay_keeps_serving_while_reporting_not_serving() -> None:
+    """SHUTDOWN_DRAIN_DELAY_SECONDS: after stop() begins, the replica says NOT_SERVING (every
+    name, liveness included) yet still answers calls, so its callers can move away first."""
+    settings = ServiceSettings(
+        grpc_port=0, shutdown_grace_seconds=0.5, shutdown_drain_delay_seconds=1.0
+    )
+    svc = GrpcService("t", settings, ["t.v1.T"], lambda s: None)
+    port = await svc.start()
+    stopping = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0.3)
+    assert not stopping.done()
+    for name in ("", "t.v1.T", LIVENESS_SERVICE):
+        assert await _check(port, name) == health_pb2.HealthCheckResponse.NOT_SERVING
+    await asyncio.wait_for(stopping, 5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await asyncio.wait_for(_check(port, ""), 5)
+
+
+async def test_internal_channels_move_off_a_stopping_replica_without_a_failed_call() -> None:
+    """Two replicas behind one internal channel (round_robin over both addresses, as over a
+    headless Service's): one stops while calls keep coming. The channel's health watch sees
+    its NOT_SERVING during the drain delay and sends nothing more there, so no call fails.
+    (A plain round_robin channel keeps sending until the server refuses, and the calls that
+    arrive as it stops fail with CANCELLED: this test then fails, most runs.)"""
+    settings = ServiceSettings(
+        grpc_port=0, shutdown_grace_seconds=1, shutdown_drain_delay_seconds=1.0
+    )
+    replicas = [GrpcService(f"t{n}", settings, ["t.v1.T"], lambda s: None) for n in (1, 2)]
+    ports = [await replica.start() for replica in replicas]
+    channel = internal_channel(f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    failures: list[grpc.StatusCode] = []
+    answered = 0
+    done = asyncio.Event()
+
+    async def caller() -> None:
+        nonlocal answered
+        while not done.is_set():
+            try:
+                await stub.Check(health_pb2.HealthCheckRequest(service="t.v1.T"), timeout=5)
+                answered += 1
+            except grpc.aio.AioRpcError as err:
+                failures.append(err.code())
+            await asyncio.sleep(0.002)
+
+    try:
+        callers = [asyncio.create_task(caller()) for _ in range(10)]
+        await asyncio.sleep(0.5)
+        before = answered
+        await replicas[0].stop()
+        await asyncio.sleep(0.5)
+        done.set()
+        await asyncio.gather(*callers)
+        assert failures == []
+        assert answered > before
+    finally:
+        await channel.close(None)
+        for replica in replicas:
+            await replica.stop()

@@ -992,10 +992,14 @@ def test_gateway_drains_for_the_longest_request_before_envoy_gets_sigterm(render
     objects = rendered[target]
     deployment = find(objects, "Deployment", "gateway")
     container = _gateway_container(objects)
-    command = container["command"]
-    assert command[:2] == ["python3", "-c"]
-    assert validate.option_value(command, "--drain-strategy") == "immediate"
-    drain_time = int(validate.option_value(command, "--drain-time-s"))
+    # The image's command: render.py --exec starts Envoy with --drain-strategy immediate and
+    # --drain-time-s GATEWAY_DRAIN_TIME_SECONDS (80 unless the config says otherwise).
+    assert container["command"] == [*validate.GATEWAY_RENDER, "--out", "/tmp/envoy.yaml", "--exec"]
+    settings = validate.config_map_values(objects, container)
+    drain_time = int(
+        settings.get("GATEWAY_DRAIN_TIME_SECONDS", GatewaySettings().drain_time_seconds)
+    )
+    assert GatewaySettings().drain_time_seconds == validate.GATEWAY_DEFAULT_DRAIN_TIME_SECONDS
     hook = container["lifecycle"]["preStop"]["exec"]["command"]
     settle, limit = float(hook[-2]), float(hook[-1])
     assert settle >= 10  # the endpoint removal reaches the load balancer and Envoy's peers
@@ -1010,14 +1014,16 @@ def test_drain_rules_catch_regressions(rendered):
     deployment = find(objects, "Deployment", "gateway")
     container = _gateway_container(objects)
     deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
-    container["command"][container["command"].index("--drain-time-s") + 1] = "20"
-    container["command"].remove("--drain-strategy")
+    # Envoy started some other way would not get the drain options.
+    container["command"] = ["envoy", "-c", "/tmp/envoy.yaml", "--drain-time-s", "20"]
     config = next(o for o in objects if o["metadata"]["name"].startswith("gateway-config"))
     config["data"]["GATEWAY_GENERATE_STREAM_TIMEOUT_SECONDS"] = "300"
+    config["data"]["GATEWAY_DRAIN_TIME_SECONDS"] = "20"
     errors = "\n".join(validate.policy_errors(objects, TARGETS["base"]))
-    assert "Envoy needs --drain-strategy immediate" in errors
+    assert "the command must be the image's (python3 -m services.gateway.render" in errors
+    assert "drain options come from render.py (GATEWAY_DRAIN_TIME_SECONDS), not the" in errors
     assert "the preStop drain waits at most 80 s < 15 s (endpoint removal) + 300 s" in errors
-    assert "--drain-time-s 20 < the preStop's 80 s" in errors
+    assert "GATEWAY_DRAIN_TIME_SECONDS 20 < the preStop's 80 s" in errors
     assert "terminationGracePeriodSeconds 30 < the preStop drain 80 s" in errors
     assert "SHUTDOWN_GRACE_SECONDS 60 must cover the longest generate deadline (300 s" in errors
     container["lifecycle"]["preStop"] = {"sleep": {"seconds": 15}}
@@ -1027,8 +1033,9 @@ def test_drain_rules_catch_regressions(rendered):
 
 
 def test_the_gateway_command_and_pre_stop_drain_a_real_envoy(rendered, tmp_path):
-    """The Deployment's own command starts Envoy with the drain options; its preStop hook
-    drains it: Envoy then closes each connection after its response yet still accepts new
+    """The Deployment's own command starts Envoy with the drain options (render.py's); its
+    preStop hook drains it: Envoy then closes each connection after its response yet still
+    accepts new
     ones, and the hook returns once the request in flight has finished, not before."""
     container = _gateway_container(rendered["base"])
     config = tmp_path / "envoy.yaml"

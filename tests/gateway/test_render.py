@@ -23,6 +23,7 @@ from services.gateway.render import (
     envoy_command,
     render,
     split_addr,
+    split_addrs,
 )
 from tests.gateway.harness import (
     PUBLIC_ROUTES,
@@ -319,6 +320,10 @@ def test_strings_cannot_break_out_of_the_yaml(clean_env: pytest.MonkeyPatch) -> 
         ("GATEWAY_JWKS_URL", "file:///etc/passwd"),
         ("SUPABASE_URL", "not a url"),
         ("GATEWAY_MAX_BODY_BYTES", "10"),
+        ("GENERATION_ADDR", "127.0.0.1:1,,127.0.0.1:2"),
+        ("QUOTA_ADDR", "127.0.0.1:1,127.0.0.1:1"),
+        ("TELEMETRY_ADDR", "127.0.0.1:1,127.0.0.1"),
+        ("GATEWAY_DRAIN_TIME_SECONDS", "0"),
     ],
 )
 def test_invalid_settings_are_refused(clean_env: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -331,6 +336,40 @@ def test_split_addr() -> None:
     assert split_addr("127.0.0.1:50051") == ("127.0.0.1", 50051)
     assert split_addr("[fd00::2]:80") == ("fd00::2", 80)
     assert split_addr("quota:50052") == ("quota", 50052)
+    assert split_addrs("quota:50052") == [("quota", 50052)]
+    assert split_addrs("127.0.0.1:1, [::1]:2") == [("127.0.0.1", 1), ("::1", 2)]
+
+
+def test_several_endpoints_are_hosts_of_one_cluster(clean_env: pytest.MonkeyPatch) -> None:
+    """Replicas on processes (the rollout drill): each host:port of a comma-separated *_ADDR is
+    an endpoint of the service's cluster. One name stays one endpoint (Kubernetes: a headless
+    Service, which STRICT_DNS resolves to every pod)."""
+    clean_env.setenv("GENERATION_ADDR", "127.0.0.1:50061,127.0.0.1:50062,127.0.0.1:50063")
+    clean_env.setenv("QUOTA_ADDR", "quota.genmesh.svc.cluster.local:50052")
+    upstreams = clusters(load(render(GatewaySettings())))
+    (generation,) = upstreams["generation"]["load_assignment"]["endpoints"]
+    assert [lb["endpoint"]["address"]["socket_address"] for lb in generation["lb_endpoints"]] == [
+        {"address": "127.0.0.1", "port_value": port} for port in (50061, 50062, 50063)
+    ]
+    (quota,) = upstreams["quota"]["load_assignment"]["endpoints"]
+    assert len(quota["lb_endpoints"]) == 1
+    assert endpoint(upstreams["quota"]) == ("quota.genmesh.svc.cluster.local", 50052)
+    assert upstreams["generation"]["type"] == upstreams["quota"]["type"] == "STRICT_DNS"
+
+
+def test_envoy_drains_as_the_setting_says(clean_env: pytest.MonkeyPatch) -> None:
+    """/drain_listeners?graceful (the preStop hook) closes every connection after its next
+    response at once, and the listeners accept for GATEWAY_DRAIN_TIME_SECONDS (80 s)."""
+
+    def option(command: list[str], name: str) -> str:
+        return command[command.index(name) + 1]
+
+    command = envoy_command(GatewaySettings(), Path("/x.yaml"))
+    assert option(command, "--drain-strategy") == "immediate"
+    assert option(command, "--drain-time-s") == "80"
+    clean_env.setenv("GATEWAY_DRAIN_TIME_SECONDS", "30")
+    command = envoy_command(GatewaySettings(), Path("/x.yaml"))
+    assert option(command, "--drain-time-s") == "30"
 
 
 def test_relative_descriptor_path_is_made_absolute(clean_env: pytest.MonkeyPatch) -> None:
@@ -433,13 +472,30 @@ def test_clusters_speak_http2_and_health_check_their_service(clean_env: pytest.M
         assert "http2_protocol_options" in http["explicit_http_config"]
         (check,) = cluster["health_checks"]
         assert check["grpc_health_check"] == {"service_name": services[name]}
-        assert check["interval"] == "2s"
+        assert check["interval"] == "1s"
+        assert check["unhealthy_threshold"] == 2
+        # A host that refuses a connection leaves rotation until a health check passes again;
+        # the services' own gRPC errors never eject one.
+        outlier = cluster["outlier_detection"]
+        assert outlier["split_external_local_origin_errors"] is True
+        assert outlier["consecutive_local_origin_failure"] == 1
+        assert outlier["enforcing_consecutive_local_origin_failure"] == 100
+        assert outlier["successful_active_health_check_uneject_host"] is True
+        for enforcing in (
+            "enforcing_consecutive_5xx",
+            "enforcing_consecutive_gateway_failure",
+            "enforcing_success_rate",
+            "enforcing_local_origin_success_rate",
+            "enforcing_failure_percentage",
+            "enforcing_failure_percentage_local_origin",
+        ):
+            assert outlier[enforcing] == 0, enforcing
         thresholds = cluster["circuit_breakers"]["thresholds"][0]
         assert thresholds["max_requests"] > 0
         assert thresholds["max_pending_requests"] > 0
 
 
-@pytest.mark.parametrize("variant", ["defaults", "overrides", "no-secret", "jwks-url"])
+@pytest.mark.parametrize("variant", ["defaults", "overrides", "no-secret", "jwks-url", "replicas"])
 def test_envoy_accepts_the_rendered_config(
     clean_env: pytest.MonkeyPatch, tmp_path: Path, descriptor_set: Path, variant: str
 ) -> None:
@@ -457,6 +513,9 @@ def test_envoy_accepts_the_rendered_config(
         clean_env.setenv("GATEWAY_JWT_ISSUER", "https://example.supabase.co/auth/v1")
         clean_env.setenv("GENERATION_ADDR", "generation:50051")
         clean_env.setenv("GATEWAY_LISTEN_HOST", "0.0.0.0")
+    if variant == "replicas":
+        clean_env.setenv("GENERATION_ADDR", "127.0.0.1:50061,127.0.0.1:50062,127.0.0.1:50063")
+        clean_env.setenv("QUOTA_ADDR", "127.0.0.1:50071,[::1]:50072")
     path = tmp_path / "envoy.yaml"
     path.write_text(render(GatewaySettings()))
     result = envoy_validate(path)
