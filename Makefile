@@ -11,7 +11,7 @@ STUBS  := gen/genmesh.pb
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto run test bench lint fmt k8s-validate images k8s-up k8s-down lock clean
+.PHONY: help venv proto run test bench soak rollout-drill lint fmt k8s-validate images k8s-up k8s-down lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ test: $(STUBS) ## run the whole test suite (unit, integration, end to end)
 
 bench: $(STUBS) ## run the load benchmarks against a local mesh and print figures
 	@$(PY) -m bench
+
+soak: $(STUBS) ## steady mixed traffic at half capacity for SOAK_MINUTES (10): errors and RSS
+	@$(PY) -m bench.soak
+
+rollout-drill: $(STUBS) ## replace every replica under load as a rolling update does; prints failed requests and p99
+	@$(PY) -m devstack.rollout
 
 node_modules/.bin/buf: package.json
 	@npm install --no-audit --no-fund --silent

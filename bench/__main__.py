@@ -1,201 +1,140 @@
-"""`make bench`: start a private mesh (own database, own Redis prefix, free ports, the
-simulator as upstream) and print, from one run:
+"""`make bench` (python -m bench): the project's measuring instrument. It starts what it
+measures — a private mesh (its own PostgreSQL database and Redis key prefix, free ports, the
+simulator as the upstream with a fixed latency) and, for the ceiling, a trivial echo gRPC
+service behind an Envoy running the mesh's own config plus an echo route — and prints, from one
+run, with a warm-up and the median of alternating rounds:
 
-1. the REST scenarios: bounded request counts through Envoy on 127.0.0.1, throughput and
-   latency percentiles per scenario (bench/scenarios.py);
-2. rate-limit decisions per second of one quota process, over gRPC (bench/ratelimit.py);
-3. the cost of the rate limits on the cache-hit generate path: the mesh's Envoy (limits on)
-   against a second Envoy with GATEWAY_RATE_LIMIT=false, driven alternately with wrk, with
-   each process's CPU time per request (bench/ratelimit.py; skipped without wrk);
-4. single-flight: bursts of identical cache misses against bursts of distinct ones, upstream
-   calls and latency per burst (bench/singleflight.py);
-5. funnel events: committed events per second through POST /api/events via Envoy (wrk,
-   batches of 50 new events) against the same events INSERTed into PostgreSQL one per
-   statement, alternately, with their ratio and the goals (bench/events.py; skipped without
-   wrk).
+- ceiling: REST POST /api/echo to the echo service and cache-hit POST /api/generate, both
+  through that Envoy, wrk at BENCH_CONNECTIONS connections, alternating: RPS, p50, p99, non-2xx,
+  the cache-hit RPS as a share of the ceiling's, and each process's CPU per request
+  (bench/ceiling.py);
+- miss: sequential cache misses through the mesh against the same chat completion sent to the
+  simulator directly: the latency the mesh adds, median and p99 (bench/misses.py);
+- quota: ReserveQuota + SettleReservation(COMMIT) pairs per second of one quota process over
+  gRPC, as generation makes them, for guests (bench/quota.py);
+- ratelimit: ShouldRateLimit decisions per second of one quota process (bench/ratelimit.py);
+- limits: cache-hit generate through the mesh's Envoy and a second one with
+  GATEWAY_RATE_LIMIT=false, alternating: what the limits cost (bench/limits_cost.py);
+- events: committed funnel events per second through POST /api/events against INSERTing them
+  one row at a time (bench/events.py);
+- scenarios: every REST scenario through Envoy with an httpx client (bench/scenarios.py);
+- singleflight: bursts of identical against distinct cache misses (bench/singleflight.py);
 
-Every rate limit is raised so that no bench request is refused.
+then the RSS of every process at the start and the end, and each figure against the goals of
+issue 9 (met / NOT met). The results are also written as JSON to bench/results/<UTC time>.json
+and bench/results/latest.json, and drawn (latency distributions, the ratio to the ceiling) to
+the .png beside them. `make soak` (bench/soak.py) is the long-running variant.
 
-Settings: BENCH_REQUESTS (per scenario, default 400), BENCH_CONCURRENCY (default 16),
-BENCH_SIM_LATENCY_MS (upstream latency the simulator adds, default 50), BENCH_RLS_SECONDS
-(each decisions run, default 4), BENCH_WRK_SECONDS (each wrk run, default 8),
-BENCH_BURST (concurrent misses per single-flight burst, default 16), BENCH_BURST_ROUNDS
-(default 5), BENCH_EVENTS_SECONDS (each funnel-events run, default 8)."""
+The services run with their deployed defaults (LOG_LEVEL=INFO, GEN_MAX_INFLIGHT=25), every
+rate limit and the guests' daily quota raised so that nothing is refused for policy. The
+machine is shared by the load generator and every process: quote the ratios.
+
+Settings (environment):
+  BENCH_SECTIONS          comma list of sections to run (default: all, in the order above)
+  BENCH_ROUNDS            alternating rounds per variant, medians reported (3)
+  BENCH_WRK_SECONDS       each wrk run of the ceiling and limits sections (8)
+  BENCH_WARMUP_SECONDS    warm-up of each variant before its rounds (2)
+  BENCH_CONNECTIONS       wrk connections of the ceiling section (32)
+  BENCH_SIM_LATENCY_MS    fixed latency of the simulator's answers (50)
+  BENCH_MISSES            sequential miss pairs measured, after 20 warm-up pairs (200)
+  BENCH_QUOTA_SECONDS     each quota-reservation round (4)
+  BENCH_QUOTA_INFLIGHT    reservation pairs in flight (16)
+  BENCH_RLS_SECONDS       each rate-limit decisions round (4)
+  BENCH_EVENTS_SECONDS    each funnel-events round (8)
+  BENCH_REQUESTS          requests per REST scenario (400)
+  BENCH_CONCURRENCY       concurrency of the REST scenarios (16)
+  BENCH_BURST             concurrent misses per single-flight burst (16)
+  BENCH_BURST_ROUNDS      single-flight rounds (5)
+  BENCH_GEN_MAX_INFLIGHT  generation's GEN_MAX_INFLIGHT (default: the service's, 25)
+  BENCH_LOG_LEVEL         the services' LOG_LEVEL (default: the services', INFO)
+  BENCH_RESULTS_DIR       where the JSON and PNG go (bench/results)
+  BENCH_KEEP_LOGS         1: keep the run's logs and rendered configs (kept after a failure)
+
+wrk (apt-get install -y wrk; brew install wrk) loads Envoy; without it the ceiling, limits
+and events sections are skipped and the hint says how to install it.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-import tempfile
-import uuid
-from pathlib import Path
+import time
+from datetime import UTC, datetime
+from typing import Any
 
-from bench import events, ratelimit, wrk
-from bench.envoy import Gateway, extra_gateway
-from bench.scenarios import print_scenarios
-from bench.singleflight import print_single_flight
-from devstack import infra
-from devstack.mesh import Mesh, MeshConfig
-from services.common.migrations import create_database_if_missing, migrate
-
-REQUESTS = int(os.environ.get("BENCH_REQUESTS", "400"))
-CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "16"))
-SIM_LATENCY_MS = int(os.environ.get("BENCH_SIM_LATENCY_MS", "50"))
-RLS_SECONDS = float(os.environ.get("BENCH_RLS_SECONDS", "4"))
-WRK_SECONDS = float(os.environ.get("BENCH_WRK_SECONDS", "8"))
-BURST = int(os.environ.get("BENCH_BURST", "16"))
-BURST_ROUNDS = int(os.environ.get("BENCH_BURST_ROUNDS", "5"))
-EVENTS_SECONDS = float(os.environ.get("BENCH_EVENTS_SECONDS", "8"))
-# Alternating runs per variant: the medians of 3 resist one disturbed run.
-ROUNDS = 3
-RLS_WARMUP_SECONDS = 1.0
-WRK_WARMUP_SECONDS = 2.0
-# Daily guest quota: every generate request, cache hits included, reserves a unit, and the
-# wrk runs send tens of thousands from 127.0.0.1.
-GUEST_DAILY_LIMIT = 1_000_000_000
+from bench import goals, memory, plot, results, wrk
+from bench.errors import BenchError
+from bench.proc import rss_snapshot
+from bench.sections import NEEDS_WRK, SECTIONS
+from bench.settings import BenchSettings, SettingError
+from bench.stack import mesh_env, private_stack
+from devstack.infra import InfraError
 
 
-async def prepare_database(server_url: str, name: str) -> str:
-    url = infra.with_database(server_url, name)
-    await create_database_if_missing(url)
-    await migrate(url)
-    return url
+def _title(name: str) -> None:
+    line = f"== {name} "
+    print(f"\n{line}{'=' * max(0, 96 - len(line))}", flush=True)
 
 
-def pid_of(mesh: Mesh, name: str) -> int:
-    return next(child.process.pid for child in mesh.children if child.name == name)
-
-
-def bench_rate_limits(mesh: Mesh, redis: infra.Server | None, scratch: Path) -> None:
-    config = mesh.config
-    print(ratelimit.NOTE.format(cores=os.cpu_count()))
-    print()
-    runs = asyncio.run(
-        ratelimit.measure_decisions(
-            config.quota_addr, pid_of(mesh, "quota"), ROUNDS, RLS_SECONDS, RLS_WARMUP_SECONDS
-        )
-    )
-    ratelimit.print_decisions(runs, RLS_SECONDS)
-    print()
-
-    wrk_binary = wrk.binary()
-    if wrk_binary is None:
-        print(wrk.INSTALL_HINT)
-        return
-    on = Gateway(
-        "limits on",
-        config.gateway_url,
-        f"http://127.0.0.1:{config.gateway_admin_port}",
-        pid_of(mesh, "envoy"),
-    )
-    services = {name: pid_of(mesh, name) for name in ("quota", "generation")}
-    if redis is not None and redis.process is not None:
-        # Only a Redis we started: a shared one's CPU would include other people's traffic.
-        services["redis"] = redis.process.pid
-    overrides = {"GATEWAY_RATE_LIMIT": "false"}
-    with extra_gateway(mesh, "limits off", overrides) as off:
-        report = ratelimit.measure_cost(
-            wrk_binary,
-            on,
-            off,
-            services,
-            scratch,
-            ROUNDS,
-            WRK_SECONDS,
-            WRK_WARMUP_SECONDS,
-        )
-    ratelimit.print_cost(report)
-
-
-def bench_events(mesh: Mesh, scratch: Path) -> None:
-    wrk_binary = wrk.binary()
-    if wrk_binary is None:
+def run(settings: BenchSettings) -> dict[str, Any]:
+    chosen = list(settings.sections)
+    if wrk.binary() is None and NEEDS_WRK & set(chosen):
+        print(f"NOTE: {wrk.INSTALL_HINT}")
+        chosen = [name for name in chosen if name not in NEEDS_WRK]
+    started = datetime.now(UTC)
+    env = mesh_env(settings.sim_latency_ms, settings.gen_max_inflight, settings.log_level)
+    document: dict[str, Any] = {
+        "started": started.isoformat(),
+        "machine": results.machine(),
+        "settings": {k: str(v) for k, v in vars(settings).items()},
+        "sections": {},
+    }
+    sections: dict[str, Any] = document["sections"]
+    with private_stack(env, with_echo="ceiling" in chosen) as stack:
         print(
-            "Funnel events: skipped, wrk is not installed (apt-get install wrk, brew install wrk)"
+            f"==> sections: {', '.join(chosen) or 'none'}; {os.cpu_count()} cores; simulated "
+            f"upstream latency {settings.sim_latency_ms} ms; every rate limit raised",
+            flush=True,
         )
-        return
-    config = mesh.config
-    services = {name: pid_of(mesh, name) for name in ("envoy", "quota", "telemetry")}
-    report = asyncio.run(
-        events.measure(
-            wrk_binary,
-            config.gateway_url,
-            config.database_url,
-            services,
-            scratch,
-            ROUNDS,
-            EVENTS_SECONDS,
-            WRK_WARMUP_SECONDS,
-        )
-    )
-    events.print_events(report, os.cpu_count())
+        rss_start = rss_snapshot(stack.processes())
+        for name in chosen:
+            _title(name)
+            began = time.monotonic()
+            sections[name] = SECTIONS[name](stack, settings)
+            sections[name]["elapsed_seconds"] = round(time.monotonic() - began, 1)
+            print(f"({name}: {sections[name]['elapsed_seconds']:.0f} s)", flush=True)
+        rss_end = rss_snapshot(stack.processes())
+        _title("memory")
+        rss = memory.table({"start": rss_start, "end": rss_end})
+        memory.print_rss(rss)
+    document["rss"] = rss
+    verdicts = goals.judge(sections, rss)
+    _title("goals")
+    goals.print_goals(verdicts, os.cpu_count())
+    print("  RSS growth after 10 minutes at half capacity: make soak")
+    document["goals"] = goals.as_json(verdicts)
+    document["finished"] = datetime.now(UTC).isoformat()
+    return document
 
 
 def main() -> int:
-    scratch = Path(tempfile.mkdtemp(prefix="genmesh-bench-"))
-    pg = infra.postgres(scratch)
-    rd = infra.redis(scratch)
-    db_name = f"genmesh_bench_{uuid.uuid4().hex[:8]}"
-    key_prefix = f"genmesh-bench-{uuid.uuid4().hex[:8]}:"
-    mesh: Mesh | None = None
     try:
-        database_url = asyncio.run(prepare_database(pg.url, db_name))
-        config = MeshConfig(
-            database_url=database_url,
-            redis_url=rd.url if rd else "",
-            redis_key_prefix=key_prefix,
-            generation_addr=f"127.0.0.1:{infra.free_port()}",
-            quota_addr=f"127.0.0.1:{infra.free_port()}",
-            telemetry_addr=f"127.0.0.1:{infra.free_port()}",
-            gateway_port=infra.free_port(),
-            gateway_admin_port=infra.free_port(),
-            gateway_ops_port=infra.free_port(),
-            simulator_port=infra.free_port(),
-            metrics_ports={"generation": 0, "quota": 0, "telemetry": 0},
-            log_dir=scratch / "logs",
-            extra_env={
-                "GUEST_DAILY_LIMIT": str(GUEST_DAILY_LIMIT),
-                # wrk keeps WRK_CONNECTIONS generations in flight; none may be shed (503).
-                "GEN_MAX_INFLIGHT": str(max(25, CONCURRENCY * 2, ratelimit.WRK_CONNECTIONS * 2)),
-                "SIM_LATENCY_MS": str(SIM_LATENCY_MS),
-                "SIM_STREAM_CHUNK_DELAY_MS": "0",
-                "LOG_LEVEL": "WARNING",
-                # The mesh's Envoy asks for rate-limit decisions whatever the caller's
-                # environment says; the second Envoy turns them off.
-                "GATEWAY_RATE_LIMIT": "true",
-                **ratelimit.raised_limits_env(),
-            },
-        )
-        print(f"==> starting a private mesh (logs in {config.log_dir})", flush=True)
-        mesh = Mesh(config)
-        mesh.start()
-        print(
-            f"==> {REQUESTS} requests per scenario, concurrency {CONCURRENCY}, "
-            f"simulated upstream latency {SIM_LATENCY_MS} ms, {os.cpu_count()} cores, "
-            f"every rate limit raised to {ratelimit.RAISED_LIMIT}\n"
-        )
-        print_scenarios(config.gateway_url, REQUESTS, CONCURRENCY)
-        print()
-        bench_rate_limits(mesh, rd, scratch)
-        print()
-        print_single_flight(
-            config.gateway_url, config.simulator_url, BURST, BURST_ROUNDS, SIM_LATENCY_MS
-        )
-        print()
-        bench_events(mesh, scratch)
-        return 0
-    except (infra.InfraError, ratelimit.BenchError, wrk.WrkError) as err:
+        settings = BenchSettings.from_env()
+    except SettingError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    try:
+        document = run(settings)
+    except (InfraError, BenchError, wrk.WrkError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
-    finally:
-        if mesh is not None:
-            mesh.stop()
-        asyncio.run(infra.drop_database(pg.url, db_name))
-        if rd is not None:
-            asyncio.run(infra.delete_keys(rd.url, key_prefix))
-            rd.stop()
-        pg.stop()
+    name = results.stamp(datetime.fromisoformat(document["started"]))
+    path = results.write(settings.results_dir, name, document)
+    png = plot.draw(document["sections"], document["machine"], path.with_suffix(".png"))
+    if png is not None:
+        (settings.results_dir / "latest.png").write_bytes(png.read_bytes())
+    print(f"\nresults: {path}" + (f", {png}" if png else ""))
+    return 0
 
 
 if __name__ == "__main__":

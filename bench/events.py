@@ -15,14 +15,13 @@ Envoy, beside the same kind of load written straight to PostgreSQL one event per
 The two alternate round by round after a warm-up of each; the figures are medians. The CPU
 time of each process taking part (the load generator, Envoy, quota, telemetry, and the
 PostgreSQL backends connected to the bench's database when the server runs on this machine)
-says where the time goes.
+says where the time goes. bench/events_report.py prints the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -38,9 +37,6 @@ from bench.stats import percentile
 EVENTS_PER_REQUEST = 50
 THREADS = 2
 CONNECTIONS = 32
-GOAL_EVENTS_PER_SECOND = 50_000
-GOAL_RATIO = 10.0
-GOAL_CORES = 2
 
 MESH = "POST /api/events via Envoy"
 ROWS = "INSERT one event per statement"
@@ -333,109 +329,3 @@ async def measure(
     finally:
         await asyncio.gather(*(conn.close() for conn in connections), return_exceptions=True)
     return EventsReport(runs, seconds, warmup, server)
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
-def _fmt(value: float | None, width: int, digits: int = 0) -> str:
-    return f"{'n/a':>{width}}" if value is None else f"{value:>{width},.{digits}f}"
-
-
-def print_events(report: EventsReport, cores: int | None) -> None:
-    runs = report.runs
-    rounds = sum(1 for run in runs if run.variant == MESH)
-    print(
-        f"Funnel events: committed events per second, {rounds} alternating rounds x "
-        f"{report.seconds:g} s per variant after a {report.warmup:g} s warm-up of each"
-    )
-    print(
-        f"  {cores} cores, shared by the load generator, the mesh, PostgreSQL "
-        f"({report.server}) and the machine's other work: noisy, quote the ratio"
-    )
-    print(
-        f"  mesh: wrk -t{THREADS} -c{CONNECTIONS}, {EVENTS_PER_REQUEST} new events per request, "
-        f"committed = 2xx x {EVENTS_PER_REQUEST}; row at a time: {CONNECTIONS} asyncpg "
-        "connections, one INSERT per event (autocommit)"
-    )
-    header = (
-        f"{'variant':<32} {'events/s':>9} {'rows/s':>9} {'calls/s':>8} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'failed':>6} {'socket errors':>13}"
-    )
-    print(header)
-    print("-" * len(header))
-    medians: dict[str, float] = {}
-    for variant in VARIANTS:
-        mine = [run for run in runs if run.variant == variant]
-        medians[variant] = statistics.median(run.rate for run in mine)
-        print(
-            f"{variant:<32} {medians[variant]:>9,.0f} "
-            f"{_fmt(_median([run.stored_rate for run in mine]), 9)} "
-            f"{statistics.median(run.calls / run.seconds for run in mine):>8,.0f} "
-            f"{statistics.median(run.p50_ms for run in mine):>7.2f} "
-            f"{statistics.median(run.p99_ms for run in mine):>7.2f} "
-            f"{sum(run.failed for run in mine):>6} {sum(run.socket_errors for run in mine):>13}"
-        )
-    for variant in VARIANTS:
-        each = ", ".join(f"{run.rate:,.0f}" for run in runs if run.variant == variant)
-        print(f"  {variant}, events/s per round: {each}")
-    print(
-        "  rows/s: rows of the run's ids found in funnel_events afterwards / seconds (mesh: "
-        f"may exceed events/s by up to {CONNECTIONS} requests in flight when wrk stopped)"
-    )
-    mismatches = [(run, why) for run in runs if (why := run.mismatch()) is not None]
-    for run, why in mismatches:
-        print(f"  MISMATCH in a {run.variant} run (ids {run.prefix}-...): {why}")
-    if not mismatches:
-        print(
-            "  cross-check: every run's rows in funnel_events tally with what its client was told"
-        )
-    _print_cpu(runs)
-
-    mesh, rows = medians[MESH], medians[ROWS]
-    ratio = mesh / rows if rows else float("nan")
-    print(f"mesh / row at a time = {ratio:.1f}x (medians: {mesh:,.0f} / {rows:,.0f} events/s)")
-    clean = not mismatches and not any(run.failed or run.socket_errors for run in runs)
-    caveat = "" if clean else " (but see the failures / mismatches above)"
-    on = "" if cores == GOAL_CORES else f"; this machine has {cores} cores"
-    print(
-        f"goal: at least {GOAL_EVENTS_PER_SECOND:,} committed events/s through Envoy on "
-        f"{GOAL_CORES} cores{on}: {'met' if mesh >= GOAL_EVENTS_PER_SECOND else 'NOT met'} "
-        f"({mesh:,.0f}/s){caveat}"
-    )
-    print(
-        f"goal: at least {GOAL_RATIO:g}x the row-at-a-time figure: "
-        f"{'met' if ratio >= GOAL_RATIO else 'NOT met'} ({ratio:.1f}x){caveat}"
-    )
-
-
-def _print_cpu(runs: Sequence[EventsRun]) -> None:
-    """CPU per committed event and share of one core, by process, medians per variant."""
-    names = [CLIENT, *(n for n in runs[0].cpu if n not in (CLIENT, POSTGRES))]
-    if all(POSTGRES in run.cpu for run in runs):
-        names.append(POSTGRES)
-    header = (
-        f"{'CPU, medians':<24} {'mesh µs/event':>13} {'mesh % core':>11} "
-        f"{'rows µs/event':>13} {'rows % core':>11}"
-    )
-    print(header)
-    print("-" * len(header))
-
-    def cells(variant: str, pick: Sequence[str]) -> str:
-        used = [
-            (sum(run.cpu[n] for n in pick), run)
-            for run in runs
-            if run.variant == variant and all(n in run.cpu for n in pick)
-        ]
-        per_event = _median(
-            [cpu / run.committed * 1e6 if run.committed else None for cpu, run in used]
-        )
-        share = _median([cpu / run.seconds * 100 if run.seconds else None for cpu, run in used])
-        return f"{_fmt(per_event, 13, 1)} {_fmt(share, 11)}"
-
-    for name in names:
-        print(f"{name:<24} {cells(MESH, [name])} {cells(ROWS, [name])}")
-    print(f"{'all of the above':<24} {cells(MESH, names)} {cells(ROWS, names)}")
-    print("  % core: CPU time / wall time x 100, so the whole machine is 100 x its cores")

@@ -9,10 +9,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
-from bench.stats import percentile
+from bench.stats import distribution, percentile
+from bench.wrk import LATENCY_POINTS
 
 HEADER = (
     f"{'scenario':<28} {'ok':>6} {'errors':>6} {'req/s':>9} "
@@ -35,6 +37,18 @@ class Result:
             f"{statistics.median(lat):>8.1f} {percentile(lat, 0.95):>8.1f} "
             f"{percentile(lat, 0.99):>8.1f}"
         )
+
+    def figures(self) -> dict[str, Any]:
+        lat = self.latencies_ms
+        return {
+            "ok": len(lat),
+            "errors": self.errors,
+            "rps": len(lat) / self.seconds if self.seconds else 0.0,
+            "p50_ms": percentile(lat, 0.50),
+            "p95_ms": percentile(lat, 0.95),
+            "p99_ms": percentile(lat, 0.99),
+            "distribution_ms": distribution(lat, LATENCY_POINTS),
+        }
 
 
 Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
@@ -102,9 +116,17 @@ def scenarios(requests: int) -> list[tuple[str, Request, int]]:
     ]
 
 
-def print_scenarios(base_url: str, requests: int, concurrency: int) -> None:
+def print_scenarios(base_url: str, requests: int, concurrency: int) -> dict[str, Any]:
+    """Run and print every scenario; return their figures for the results."""
+    print(
+        f"REST scenarios through the mesh's Envoy: an httpx client (Python: it is the limit of "
+        f"the faster routes), {requests} requests per scenario, concurrency {concurrency}"
+    )
     print(HEADER)
     print("-" * len(HEADER))
+    figures: dict[str, Any] = {}
     for name, make, count in scenarios(requests):
         result = asyncio.run(run_scenario(base_url, name, make, count, concurrency))
         print(result.row(), flush=True)
+        figures[name] = result.figures()
+    return {"requests": requests, "concurrency": concurrency, "scenarios": figures}

@@ -11,6 +11,7 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -82,7 +83,8 @@ async def measure(base_url: str, simulator_url: str, burst: int, rounds: int) ->
 
 def print_single_flight(
     base_url: str, simulator_url: str, burst: int, rounds: int, latency_ms: int
-) -> None:
+) -> dict[str, Any]:
+    """Run and print; return the medians per variant for the results."""
     print(NOTE.format(rounds=rounds, burst=burst, latency=latency_ms))
     print(HEADER)
     print("-" * len(HEADER))
@@ -92,3 +94,18 @@ def print_single_flight(
     identical, distinct = variants
     saved = statistics.median(distinct.calls) / max(1.0, statistics.median(identical.calls))
     print(f"identical bursts made {saved:.0f}x fewer upstream calls (medians)")
+    return {
+        "burst": burst,
+        "rounds": rounds,
+        "variants": {
+            v.name: {
+                "upstream_calls": statistics.median(v.calls),
+                "burst_ms": statistics.median(v.burst_ms),
+                "p50_ms": statistics.median(v.latencies_ms or [0.0]),
+                "p95_ms": percentile(v.latencies_ms, 0.95),
+                "errors": v.errors,
+            }
+            for v in variants
+        },
+        "fewer_calls": saved,
+    }

@@ -11,13 +11,19 @@ import re
 import resource
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 INSTALL_HINT = (
-    "wrk is not installed, so the gateway comparison is skipped: "
-    "apt-get install wrk (Debian/Ubuntu) or brew install wrk (macOS), then run make bench again"
+    "wrk is not installed, so the sections that load Envoy are skipped: "
+    "apt-get install -y wrk (Debian/Ubuntu) or brew install wrk (macOS), then run again"
 )
+
+# The latency percentiles a script with `latency_dump()` prints when wrk is done: enough
+# points to draw the distribution, the tail included.
+LATENCY_POINTS = (0, 1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97.5, 99, 99.5, 99.9, 100)
+_DUMP_TAG = "GENMESH_LATENCY"
+_DUMP = re.compile(rf"^{_DUMP_TAG} ([\d.]+) (\d+)$", re.MULTILINE)
 
 # wrk prints durations with these units (src/units.c: us, ms, s, then m and h).
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -47,6 +53,8 @@ class WrkResult:
     non_2xx: int
     # connect + read + write errors and timeouts (requests slower than wrk's --timeout).
     socket_errors: int
+    # Percentile ("99.9") -> ms, when the script ended with `latency_dump()`.
+    distribution_ms: dict[str, float] = field(default_factory=dict)
 
 
 def binary() -> str | None:
@@ -74,6 +82,7 @@ def parse(output: str) -> WrkResult:
         p99_ms=percentiles["99"],
         non_2xx=int(non_2xx[1]) if non_2xx else 0,
         socket_errors=sum(map(int, socket_errors.groups())) if socket_errors else 0,
+        distribution_ms={f"{float(m[1]):g}": int(m[2]) / 1000 for m in _DUMP.finditer(output)},
     )
 
 
@@ -91,8 +100,27 @@ def post_json_script(body: str) -> str:
     )
 
 
-def write_post_json_script(path: Path, body: str) -> Path:
-    path.write_text(post_json_script(body))
+def latency_dump() -> str:
+    """Lua to append to a script (one that defines no `done` of its own): when the run is over,
+    wrk prints the latency at each of LATENCY_POINTS, which `parse` reads."""
+    points = ", ".join(f"{p:g}" for p in LATENCY_POINTS)
+    return (
+        "\nfunction done(summary, latency, requests)\n"
+        f"  for _, p in ipairs({{{points}}}) do\n"
+        f'    io.write(string.format("{_DUMP_TAG} %g %d\\n", p, latency:percentile(p)))\n'
+        "  end\n"
+        "end\n"
+    )
+
+
+def paced(delay_ms: float) -> str:
+    """Lua to append to a script: each connection waits `delay_ms` after every answer before
+    its next request, so C connections send about C / (latency + delay) requests a second."""
+    return f"\nfunction delay()\n  return {max(0, round(delay_ms))}\nend\n"
+
+
+def write_post_json_script(path: Path, body: str, *, dump: bool = False) -> Path:
+    path.write_text(post_json_script(body) + (latency_dump() if dump else ""))
     return path
 
 

@@ -1,0 +1,154 @@
+"""Sequential cache misses in `make bench`: what the mesh adds to the upstream's latency.
+
+One request at a time, alternating: POST /api/generate through the mesh's Envoy with a prompt
+never sent before (so it misses the cache and calls the simulator), then the same kind of chat
+completion sent straight to the simulator, shaped as generation shapes it (its model, system
+prompt and token limit, the same user text). The simulator answers after a fixed
+BENCH_SIM_LATENCY_MS either way, so the difference between the two is the mesh's own cost:
+Envoy, the rate-limit check, generation, the quota reservation and settlement, the cache
+lookup and write. Both go over one keep-alive HTTP/1.1 connection each, from the same client.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bench.errors import BenchError
+from bench.proc import CpuWindow
+from bench.stats import distribution, fmt, per_unit_us, percentile
+from bench.wrk import LATENCY_POINTS
+from services.generation.pipeline import PipelineConfig
+from services.generation.settings import GenerationSettings
+
+WARMUP_PAIRS = 20
+MESH = "miss via the mesh"
+DIRECT = "simulator directly"
+
+
+@dataclass
+class Samples:
+    mesh_ms: list[float] = field(default_factory=list)
+    direct_ms: list[float] = field(default_factory=list)
+    # Mesh answers that came from the cache after all (a prompt seen before): not misses.
+    cached: int = 0
+    # CPU seconds by process over the measured pairs (the simulator's serves both calls).
+    cpu: dict[str, float] = field(default_factory=dict)
+
+
+def upstream_body(text: str, lang: str = "en") -> dict[str, Any]:
+    """The chat completion generation sends for a text prompt, from its own settings'
+    defaults (services/generation: model, system prompt, max_completion_tokens)."""
+    fields = GenerationSettings.model_fields
+    config = PipelineConfig(
+        text_model=fields["openai_text_model"].default,
+        vision_model=fields["openai_vision_model"].default,
+        system_prompt=fields["gen_system_prompt"].default,
+        max_tokens=fields["openai_max_tokens"].default,
+    )
+    return {
+        "model": config.text_model,
+        "messages": [
+            {"role": "system", "content": config.system_message(lang)},
+            {"role": "user", "content": text},
+        ],
+        "max_completion_tokens": config.max_tokens,
+    }
+
+
+def _pair(mesh: httpx.Client, direct: httpx.Client, text: str) -> tuple[float, float, bool]:
+    """One miss through the mesh, then the same completion straight to the simulator: their
+    latencies in ms, and whether the mesh's answer came from its cache after all."""
+    started = time.perf_counter()
+    reply = mesh.post("/api/generate", json={"text": text, "lang": "en"})
+    mesh_ms = (time.perf_counter() - started) * 1000
+    if reply.status_code != 200:
+        raise BenchError(f"miss via the mesh -> {reply.status_code} {reply.text[:300]}")
+    started = time.perf_counter()
+    answer = direct.post("/v1/chat/completions", json=upstream_body(text))
+    direct_ms = (time.perf_counter() - started) * 1000
+    if answer.status_code != 200:
+        raise BenchError(f"simulator -> {answer.status_code} {answer.text[:300]}")
+    return mesh_ms, direct_ms, bool(reply.json().get("cached"))
+
+
+def measure(
+    gateway_url: str, simulator_url: str, api_key: str, pairs: int, pids: Mapping[str, int]
+) -> Samples:
+    """WARMUP_PAIRS pairs, then `pairs` measured ones, with the CPU each process in `pids`
+    used over the measured ones."""
+    run = uuid.uuid4().hex[:8]
+    samples = Samples()
+    auth = {"authorization": f"Bearer {api_key}"}
+    with (
+        httpx.Client(base_url=gateway_url, timeout=60) as mesh,
+        httpx.Client(base_url=simulator_url, timeout=60, headers=auth) as direct,
+    ):
+        for i in range(WARMUP_PAIRS):
+            _pair(mesh, direct, f"bench miss {run} warm-up {i}: name a colour")
+        with CpuWindow(pids) as cpu:
+            for i in range(pairs):
+                mesh_ms, direct_ms, cached = _pair(
+                    mesh, direct, f"bench miss {run} {i}: name a colour"
+                )
+                if cached:
+                    samples.cached += 1
+                    continue
+                samples.mesh_ms.append(mesh_ms)
+                samples.direct_ms.append(direct_ms)
+    samples.cpu = cpu.used
+    return samples
+
+
+def summarize(samples: Samples, sim_latency_ms: int) -> dict[str, Any]:
+    mesh, direct = samples.mesh_ms, samples.direct_ms
+    if not mesh:
+        raise BenchError("no cache miss was measured")
+    figures: dict[str, dict[str, Any]] = {
+        label: {
+            "median_ms": statistics.median(values),
+            "p99_ms": percentile(values, 0.99),
+            "distribution_ms": distribution(values, LATENCY_POINTS),
+        }
+        for label, values in ((MESH, mesh), (DIRECT, direct))
+    }
+    return {
+        "pairs": len(mesh),
+        "cached": samples.cached,
+        "sim_latency_ms": sim_latency_ms,
+        "variants": figures,
+        "added_median_ms": figures[MESH]["median_ms"] - figures[DIRECT]["median_ms"],
+        "added_p99_ms": figures[MESH]["p99_ms"] - figures[DIRECT]["p99_ms"],
+        "cpu_us_per_pair": {
+            name: per_unit_us(used, len(mesh)) for name, used in samples.cpu.items()
+        },
+    }
+
+
+def print_misses(figures: dict[str, Any]) -> None:
+    print(
+        f"Sequential cache misses: {figures['pairs']} pairs, one request at a time, a new prompt "
+        f"through the mesh's Envoy then the same chat completion straight to the simulator "
+        f"(fixed upstream latency {figures['sim_latency_ms']} ms), after {WARMUP_PAIRS} "
+        "warm-up pairs"
+    )
+    header = f"{'':<22} {'median ms':>10} {'p99 ms':>8}"
+    print(header)
+    print("-" * len(header))
+    for label in (MESH, DIRECT):
+        v = figures["variants"][label]
+        print(f"{label:<22} {v['median_ms']:>10.2f} {v['p99_ms']:>8.2f}")
+    print(
+        f"{'added by the mesh':<22} {figures['added_median_ms']:>+10.2f} "
+        f"{figures['added_p99_ms']:>+8.2f}"
+    )
+    cpu = ", ".join(f"{name} {fmt(us, 0, 0)}" for name, us in figures["cpu_us_per_pair"].items())
+    print(f"  CPU µs per pair (the simulator serves both calls): {cpu}")
+    if figures["cached"]:
+        print(f"  {figures['cached']} answers came from the cache and were left out")
