@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from prometheus_client import Gauge
 
 from services.common.envoy_api import DESCRIPTOR_SET, message_classes
 from services.common.identity import Identity
@@ -81,6 +82,12 @@ def details_of(event: EdgeEvent) -> dict[str, str]:
     }
 
 
+# Envoy holds one stream per access logger and worker: fewer than expected means logs are lost.
+OPEN_STREAMS = Gauge(
+    "telemetry_access_log_streams", "Envoy access log streams open on this replica."
+)
+
+
 class AccessLogServicer:
     def __init__(
         self, messages: AlsMessages, aggregator: EdgeEventAggregator, events: SecurityEventSink
@@ -115,6 +122,7 @@ class AccessLogServicer:
         # it, or when this replica stops (`close_streams`): Envoy then opens a new one.
         closing = asyncio.ensure_future(self._closing.wait())
         incoming = aiter(requests)
+        OPEN_STREAMS.inc()
         try:
             while True:
                 receiving = asyncio.ensure_future(anext(incoming))
@@ -132,6 +140,7 @@ class AccessLogServicer:
                     log.exception("could not process an access log batch")
         finally:
             closing.cancel()
+            OPEN_STREAMS.dec()
         response: Message = self.messages.response()
         return response
 

@@ -15,6 +15,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.message import Message
+from prometheus_client import REGISTRY
 
 from genmesh.telemetry.v1 import telemetry_pb2
 from services.common.identity import Identity
@@ -304,11 +305,21 @@ async def test_stopping_ends_envoys_open_streams_instead_of_waiting_out_the_grac
         # Connected first: a stream still connecting when the server stops is refused
         # instead of opened, and this test is about open streams.
         await asyncio.wait_for(channel.channel_ready(), 5)
+        streams = open_streams()
         call = stream_call(channel)()
         await call.write(als_message([Entry()], first=True))
+        # Open on the server: a call it has not taken yet when it stops is cancelled instead.
+        async with asyncio.timeout(5):
+            while open_streams() < streams + 1:
+                await asyncio.sleep(0.01)
         started = asyncio.get_running_loop().time()
         async with asyncio.timeout(10):
             await service.stop()
             reply = await call  # the stream ends with an answer, so Envoy reconnects elsewhere
         assert isinstance(reply, MESSAGES.response)
         assert asyncio.get_running_loop().time() - started < 10
+
+
+def open_streams() -> float:
+    """Access log streams open in this process (services.telemetry.access_log's gauge)."""
+    return REGISTRY.get_sample_value("telemetry_access_log_streams") or 0.0
