@@ -16,20 +16,15 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bench.proc import CpuWindow
 from bench.stats import fmt, median_known, per_unit_us, percentile, share_percent
-from services.quota.ratelimit.config import DEFAULT_CONFIG, Scope, load_config
 from services.quota.ratelimit.decider import PATH_ENTRY, REMOTE_ADDRESS_ENTRY, USER_ENTRY
 from services.quota.ratelimit.rls import SERVICE_NAME, RlsMessages
 
-# High enough that no bench traffic is refused: all of it comes from 127.0.0.1, one client
-# network, at thousands of requests a second.
-RAISED_LIMIT = "1000000/second"
 RLS_METHOD = f"/{SERVICE_NAME}/ShouldRateLimit"
 RLS_DOMAIN = "genmesh"  # what Envoy sends (envoy.yaml.tmpl); the quota service ignores it
 RLS_PATH = "/api/generate"
@@ -44,18 +39,6 @@ NOTE = (
     "Rate limits: medians of alternating runs on a shared, noisy machine ({cores} cores shared "
     "by the load generator and every process); quote the ratios, not the absolute figures."
 )
-
-
-def raised_limits_env() -> dict[str, str]:
-    """RATE_LIMIT_<ROUTE>_PER_IP / _PER_USER = RAISED_LIMIT for every route of the limits file
-    the quota service reads, and for the default, so no bench scenario is ever refused."""
-    config = load_config(Path(os.environ.get("RATE_LIMIT_CONFIG") or DEFAULT_CONFIG))
-    names = [route.name for route in config.routes] + ["default"]
-    return {
-        f"RATE_LIMIT_{name.upper()}_PER_{scope.value.upper()}": RAISED_LIMIT
-        for name in names
-        for scope in Scope
-    }
 
 
 @dataclass(frozen=True)

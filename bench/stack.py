@@ -22,8 +22,8 @@ from pathlib import Path
 
 from bench.children import Process, spawn_python, wait_grpc_serving
 from bench.gateway import BenchGateway
-from bench.ratelimit import raised_limits_env
 from devstack import infra
+from devstack.limits import raised_limits_env
 from devstack.mesh import Mesh, MeshConfig
 from services.common.migrations import create_database_if_missing, migrate
 

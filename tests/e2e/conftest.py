@@ -19,6 +19,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from devstack.infra import free_port
+from devstack.limits import raised_limits_env
 from devstack.mesh import Mesh, MeshConfig
 
 JWT_SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
@@ -92,20 +93,7 @@ class RunningMesh:
 
 # All e2e traffic comes from 127.0.0.1, one client network: the main mesh raises every rate
 # limit out of the way (tests/e2e/test_rate_limits.py runs a mesh with tight ones).
-UNLIMITED = {
-    f"RATE_LIMIT_{route}_PER_{scope}": "1000000/minute"
-    for route in (
-        "GENERATE",
-        "GENERATE_STREAM",
-        "FEEDBACK",
-        "WISHLIST",
-        "EVENTS",
-        "READS",
-        "ADMIN",
-        "DEFAULT",
-    )
-    for scope in ("IP", "USER")
-} | {"RATE_LIMIT_ADMIN_FAILURES_PER_IP": "1000000/minute"}
+UNLIMITED = raised_limits_env("1000000/minute")
 
 
 def mesh_config(
