@@ -175,7 +175,7 @@ class Mesh:
         env["SIM_API_KEY"] = c.simulator_api_key
         return env
 
-    def _service_env(self, name: str, addr: str) -> dict[str, str]:
+    def service_env(self, name: str, addr: str) -> dict[str, str]:
         host, port = _addr(addr)
         env = self._base_env()
         env.update(
@@ -296,7 +296,7 @@ class Mesh:
         return self._spawn(
             name or service,
             [sys.executable, "-m", f"services.{service}"],
-            self._service_env(service, addr),
+            self.service_env(service, addr),
         )
 
     def _start_envoy(self) -> None:

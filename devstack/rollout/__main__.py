@@ -2,7 +2,9 @@
 on a scratch database and Redis prefix of its own (dropped afterwards), print the report. Exits
 0 when no request failed and every replacement went as a rolling update's does, 1 otherwise.
 ROLLOUT_RATE (40 requests/s), ROLLOUT_WORKERS (16 connections) and ROLLOUT_BASELINE_SECONDS
-(15) shape the load."""
+(15) shape the load. ROLLOUT_RUNTIME=auto|containers|processes: the service replicas as Podman
+containers of the genmesh/<service> images (built first if missing) or as processes; auto
+(the default) takes containers when Podman is usable and the images are present or build."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def main() -> int:
                 rate=float(os.environ.get("ROLLOUT_RATE", "40")),
                 workers=int(os.environ.get("ROLLOUT_WORKERS", "16")),
                 baseline_seconds=float(os.environ.get("ROLLOUT_BASELINE_SECONDS", "15")),
+                runtime=os.environ.get("ROLLOUT_RUNTIME", "auto"),
             )
             report = run_drill(config)
         print()

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from devstack import infra
 from devstack.infra import free_port
+from devstack.limits import raised_limits_env
 from devstack.mesh import Mesh, MeshConfig
+from devstack.rollout import containers as runtimes
 from devstack.rollout.fleet import ENVOY_STATS, SERVICES, Fleet, Replacement
 from devstack.rollout.load import Balancer, Load, Sample
 from services.common.migrations import create_database_if_missing, migrate
@@ -25,20 +27,7 @@ PHASES = (BASELINE, *(f"roll {s}" for s in SERVICES), "roll envoy")
 
 # All the drill's traffic comes from 127.0.0.1, one client network and one guest: no limit
 # may refuse it (the same as the end-to-end tests' mesh).
-UNLIMITED = {
-    f"RATE_LIMIT_{route}_PER_{scope}": "1000000/minute"
-    for route in (
-        "GENERATE",
-        "GENERATE_STREAM",
-        "FEEDBACK",
-        "WISHLIST",
-        "EVENTS",
-        "READS",
-        "ADMIN",
-        "DEFAULT",
-    )
-    for scope in ("IP", "USER")
-} | {"RATE_LIMIT_ADMIN_FAILURES_PER_IP": "1000000/minute", "GUEST_DAILY_LIMIT": "100000000"}
+UNLIMITED = raised_limits_env() | {"GUEST_DAILY_LIMIT": "100000000"}
 # Requests sent between the phases (the pauses) are counted too, under this name.
 BETWEEN = "between phases"
 
@@ -59,6 +48,9 @@ class DrillConfig:
     # see NOT_SERVING (two failed checks, 1 s apart).
     drain_delay_seconds: float = 3.0
     envoy_settle_seconds: float = 1.0
+    # ROLLOUT_RUNTIME: auto (service replicas as containers when Podman is usable and the
+    # images are present or build, else processes), containers, or processes.
+    runtime: str = "auto"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -106,6 +98,8 @@ class Report:
     envoy_stats: Counter[str] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)  # requests sent, per kind
     seconds: float = 0.0
+    runtime: str = "processes"  # what the replicas ran on
+    leftover_containers: list[str] = field(default_factory=list)  # after the cleanup
 
     @property
     def failed(self) -> int:
@@ -113,7 +107,11 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return self.failed == 0 and all(r.ok for r in self.replacements)
+        return (
+            self.failed == 0
+            and all(r.ok for r in self.replacements)
+            and not self.leftover_containers
+        )
 
     def render(self) -> str:
         base = next((p for p in self.phases if p.phase == BASELINE), None)
@@ -121,7 +119,7 @@ class Report:
             f"{'phase':<16} {'seconds':>7} {'requests':>8} {'failed':>6} "
             f"{'p50 ms':>7} {'p99 ms':>7} {'p99 vs baseline':>15}"
         )
-        lines = [header, "-" * len(header)]
+        lines = [f"runtime: {self.runtime}", header, "-" * len(header)]
         for p in self.phases:
             ratio = (
                 f"{p.p99_ms / base.p99_ms:.2f}x"
@@ -150,6 +148,11 @@ class Report:
             "Envoy, towards the services: "
             + ", ".join(f"{label} {self.envoy_stats[name]}" for name, label in ENVOY_STATS.items())
         )
+        if self.runtime.startswith("containers"):
+            lines.append(
+                f"containers left after the cleanup: {len(self.leftover_containers)}"
+                + (f" ({', '.join(self.leftover_containers)})" if self.leftover_containers else "")
+            )
         lines.append(f"{'PASS' if self.passed else 'FAIL'} in {self.seconds:.0f}s")
         return "\n".join(lines)
 
@@ -208,20 +211,39 @@ def _phase(name: str, config: DrillConfig, fleet: Fleet, balancer: Balancer) -> 
     return fleet.roll(name.removeprefix("roll "))
 
 
+def _stop_fleet(fleet: Fleet, mesh: Mesh, report: Report) -> None:
+    """Envoys drained and every process stopped, then every container removed (by label)."""
+    try:
+        fleet.collect_stats()
+        mesh.stop()
+    finally:
+        fleet.stop_containers()
+        if fleet.containers is not None:
+            report.leftover_containers = fleet.containers.leftovers()
+
+
 def run_drill(config: DrillConfig, say: Callable[[str], None] = print) -> Report:
     """Run the whole drill; every process it started is stopped when it returns or raises."""
     began = time.monotonic()
+    containers = runtimes.choose(config.runtime, SERVICES, say)
     slots = Fleet.allocate()
     mesh = Mesh(mesh_config(config, slots))
-    fleet = Fleet(mesh, slots, say=say, envoy_settle_seconds=config.envoy_settle_seconds)
-    report = Report()
+    fleet = Fleet(
+        mesh,
+        slots,
+        say=say,
+        envoy_settle_seconds=config.envoy_settle_seconds,
+        containers=containers,
+    )
+    report = Report(runtime=containers.describe() if containers else "processes")
     load: Load | None = None
     load_started = 0.0
     seconds: dict[str, float] = {}
     try:
+        what = "containers" if containers else "processes"
         say(
-            f"==> Starting the simulator, {len(SERVICES)} services x 2 replicas and 2 Envoys "
-            f"(logs in {config.log_dir})"
+            f"==> Starting the simulator, {len(SERVICES)} services x 2 replicas ({what}) and "
+            f"2 Envoys (processes; logs in {config.log_dir})"
         )
         fleet.start()
         balancer = Balancer(fleet.urls)
@@ -246,8 +268,7 @@ def run_drill(config: DrillConfig, say: Callable[[str], None] = print) -> Report
             if load_started:
                 seconds[BETWEEN] = time.monotonic() - load_started - sum(seconds.values())
         finally:
-            fleet.collect_stats()
-            mesh.stop()
+            _stop_fleet(fleet, mesh, report)
     assert load is not None
     report.envoy_stats = fleet.envoy_stats
     report.phases = [PhaseStats.of(name, load.samples, seconds.get(name, 0.0)) for name in PHASES]

@@ -1,4 +1,5 @@
-"""Two replicas of each service and two Envoys, as processes, replaced one at a time the way a
+"""Two replicas of each service and two Envoys, as processes (or each service replica a
+container, see containers.py; Envoy stays a process), replaced one at a time the way a
 Kubernetes rolling update (maxSurge 1, maxUnavailable 0) replaces pods:
 
 - a service replica: start the new one on the free slot, wait until it is SERVING and every
@@ -39,6 +40,7 @@ from devstack.mesh import (
     gateway_stat,
     upstream_health,
 )
+from devstack.rollout.containers import Container, Containers, container_env
 
 SERVICES = ("quota", "telemetry", "generation")
 # How long a step waits for the other services' gRPC clients (see Fleet._wait_clients).
@@ -92,7 +94,19 @@ class Replica:
     service: str  # "quota", ... or "envoy"
     name: str  # its log's name
     addr: str  # service: its gRPC address; envoy: its URL
-    child: Child
+    child: Child | None = None  # a process (every Envoy; services in process mode)
+    container: Container | None = None  # a service replica in container mode
+
+    @property
+    def pid(self) -> int:
+        if self.container is not None:
+            return self.container.pid
+        return self.process.pid
+
+    @property
+    def process(self) -> Child:
+        assert self.child is not None, self.name
+        return self.child
 
 
 @dataclass
@@ -135,6 +149,8 @@ class Fleet:
     say: Callable[[str], None] = print
     envoy_settle_seconds: float = 1.0
     envoy_drain_limit_seconds: float = 30.0
+    # None: every replica a process; else the service replicas are containers.
+    containers: Containers | None = None
     replicas: dict[str, list[Replica]] = field(default_factory=dict)
     envoys: list[Replica] = field(default_factory=list)
     envoy_stats: Counter[str] = field(default_factory=Counter)
@@ -155,7 +171,7 @@ class Fleet:
             # to become SERVING).
             started = [self._spawn(service, addr) for addr in self.slots[service][:REPLICAS]]
             for replica in started:
-                self.mesh.wait_grpc_serving(replica.child, replica.addr)
+                self._wait_serving(replica)
             self.replicas[service] = started
         for _ in range(envoys):
             self.envoys.append(self._start_envoy())
@@ -164,7 +180,27 @@ class Fleet:
     def _spawn(self, service: str, addr: str) -> Replica:
         self._launched += 1
         name = f"{service}-{self._launched}"
-        return Replica(service, name, addr, self.mesh.spawn_service(service, addr, name))
+        if self.containers is None:
+            return Replica(service, name, addr, self.mesh.spawn_service(service, addr, name))
+        host, _, port = addr.rpartition(":")
+        explicit = {"GRPC_HOST": host, "GRPC_PORT": port, "METRICS_PORT": "0"}
+        env = container_env(self.mesh.service_env(service, addr), explicit)
+        log = self.mesh.config.log_dir / f"{name}.log"
+        container = self.containers.run(service, name, env, log)
+        return Replica(service, name, addr, container=container)
+
+    def _wait_serving(self, replica: Replica) -> None:
+        if replica.container is not None:
+            assert self.containers is not None
+            self.containers.wait_serving(replica.container, replica.addr)
+        else:
+            self.mesh.wait_grpc_serving(replica.process, replica.addr)
+
+    def stop_containers(self) -> None:
+        """Stop and remove every container of this fleet (none in process mode)."""
+        if self.containers is not None:
+            live = [r.container for rs in self.replicas.values() for r in rs if r.container]
+            self.containers.remove_all(live, STOP_TIMEOUT_SECONDS)
 
     def _start_envoy(self) -> Replica:
         self._launched += 1
@@ -178,7 +214,7 @@ class Fleet:
             overrides={"GATEWAY_CONCURRENCY": "1"},
             healthy=self.occupied(),
         )
-        return Replica("envoy", name, f"http://127.0.0.1:{port}", child)
+        return Replica("envoy", name, f"http://127.0.0.1:{port}", child=child)
 
     def occupied(self) -> list[str]:
         return [r.addr for replicas in self.replicas.values() for r in replicas]
@@ -196,14 +232,14 @@ class Fleet:
             (free,) = (a for a in self.slots[service] if a not in self.occupied())
             launched = time.monotonic()
             new = self._spawn(service, free)
-            self.mesh.wait_grpc_serving(new.child, new.addr)
+            self.replicas[service].append(new)  # stopped with the rest should this step fail
+            self._wait_serving(new)
             serving = time.monotonic()
             self._wait_routed(new.addr)
             step = Replacement(
-                service, old.name, new.name, old.child.pid, new.child.pid,
+                service, old.name, new.name, old.pid, new.pid,
                 launched, serving, time.monotonic(),
             )  # fmt: skip
-            self.replicas[service].append(new)
             step.clients_ok = self._wait_clients(old)
             step.clients_at = time.monotonic()
             self._terminate(old, step)
@@ -226,14 +262,14 @@ class Fleet:
             add(new.addr)
             self.envoys.append(new)
             step = Replacement(
-                "envoy", old.name, new.name, old.child.pid, new.child.pid,
+                "envoy", old.name, new.name, old.pid, new.pid,
                 launched, serving, time.monotonic(),
             )  # fmt: skip
             # Terminating: the endpoint leaves the load balancer, and the preStop hook drains.
             remove(old.addr)
             self.envoys.remove(old)
-            step.drained = self._drain(old.child)
-            self.collect_stats(old.child)
+            step.drained = self._drain(old.process)
+            self.collect_stats(old.process)
             self._terminate(old, step)
             self.say(f"    {describe(step)}")
             steps.append(step)
@@ -241,7 +277,7 @@ class Fleet:
 
     def collect_stats(self, child: Child | None = None) -> None:
         """Add an Envoy's ENVOY_STATS (every current Envoy's when None) to envoy_stats."""
-        for envoy in [child] if child else [e.child for e in self.envoys]:
+        for envoy in [child] if child else [e.process for e in self.envoys]:
             if envoy.admin_port is not None:
                 self.envoy_stats.update(envoy_stats(envoy.admin_port))
 
@@ -249,7 +285,7 @@ class Fleet:
         """Until every Envoy's health checks have found `addr` SERVING (it is in rotation)."""
         deadline = time.monotonic() + ROUTED_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            admin_ports = [e.child.admin_port for e in self.envoys if e.child.admin_port]
+            admin_ports = [e.process.admin_port for e in self.envoys if e.process.admin_port]
             if all(upstream_health(port).get(addr) for port in admin_ports):
                 return
             time.sleep(0.1)
@@ -269,7 +305,7 @@ class Fleet:
         }
         port = int(old.addr.rpartition(":")[2])
         clients = [
-            r.child.pid
+            r.pid
             for service, replicas in self.replicas.items()
             if service != old.service
             for r in replicas
@@ -302,18 +338,25 @@ class Fleet:
 
     def _terminate(self, old: Replica, step: Replacement) -> None:
         step.sigterm_at = time.monotonic()
+        if old.container is not None:
+            # As the kubelet stops a pod: SIGTERM, SIGKILL after the grace.
+            assert self.containers is not None
+            step.exit_code = self.containers.stop(old.container, STOP_TIMEOUT_SECONDS)
+            step.exited_at = time.monotonic()
+            return
+        child = old.process
         with contextlib.suppress(ProcessLookupError):
-            old.child.process.send_signal(signal.SIGTERM)
+            child.process.send_signal(signal.SIGTERM)
         try:
-            step.exit_code = old.child.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            step.exit_code = child.process.wait(timeout=STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(old.child.process.pid, signal.SIGKILL)
-            old.child.process.wait()
+                os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait()
             step.exit_code = None
         step.exited_at = time.monotonic()
-        if old.child in self.mesh.children:
-            self.mesh.children.remove(old.child)
+        if child in self.mesh.children:
+            self.mesh.children.remove(child)
 
 
 def envoy_stats(admin_port: int) -> Counter[str]:

@@ -254,7 +254,7 @@ def test_simulator_and_generation_share_a_fresh_key(tmp_path: Path) -> None:
 
     mesh = Mesh(config)
     simulator = mesh._simulator_env()
-    generation = mesh._service_env("generation", config.generation_addr)
+    generation = mesh.service_env("generation", config.generation_addr)
     assert simulator["SIM_API_KEY"] == generation["OPENAI_API_KEY"] == config.simulator_api_key
     assert simulator["SIM_PORT"] == str(config.simulator_port)
     assert generation["OPENAI_BASE_URL"] == f"{config.simulator_url}/v1"
@@ -267,7 +267,7 @@ def test_the_developers_sim_api_key_is_used(
     monkeypatch.setenv("SIM_API_KEY", "sk-sim-mine")
     config = dataclasses.replace(MeshConfig.from_env("postgresql://x", ""), log_dir=tmp_path)
     assert config.simulator_api_key == "sk-sim-mine"
-    generation = Mesh(config)._service_env("generation", config.generation_addr)
+    generation = Mesh(config).service_env("generation", config.generation_addr)
     assert generation["OPENAI_API_KEY"] == "sk-sim-mine"
 
     monkeypatch.setenv("SIM_API_KEY", "")  # empty counts as unset, as in the simulator
@@ -281,6 +281,6 @@ def test_a_real_openai_key_replaces_the_simulator(
     monkeypatch.setenv("OPENAI_BASE_URL", "https://llm.example/v1")
     config = dataclasses.replace(MeshConfig.from_env("postgresql://x", ""), log_dir=tmp_path)
     assert not config.uses_simulator
-    generation = Mesh(config)._service_env("generation", config.generation_addr)
+    generation = Mesh(config).service_env("generation", config.generation_addr)
     assert generation["OPENAI_API_KEY"] == "sk-real"
     assert generation["OPENAI_BASE_URL"] == "https://llm.example/v1"

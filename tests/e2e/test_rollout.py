@@ -1,8 +1,14 @@
 """The short rollout drill (`make rollout-drill` is the long one): two replicas of each service
-and two Envoys, as processes, under steady REST load (cache hits, cache misses, events, quota
+and two Envoys under steady REST load (cache hits, cache misses, events, quota
 reads), each replaced one at a time as a rolling update does. No request may fail, and every
 replica must really have been replaced: a new process, SERVING (by its own log) before the old
-one was told to stop, the old one exiting cleanly; each Envoy drained before its SIGTERM."""
+one was told to stop, the old one exiting cleanly; each Envoy drained before its SIGTERM.
+
+With Podman, each service replica is a container of its image (`podman run --network host`,
+non-root, read-only root; the images built or reused as tests/deploy/test_containers.py does:
+their tag is a hash of what they are built from) stopped with `podman stop`, and no container
+is left afterwards; Envoy stays a process. Without Podman the drill runs on processes, and the
+end of the pytest report says that the container drill did not run."""
 
 from __future__ import annotations
 
@@ -11,15 +17,49 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from deploy.podman import images as image_builder
+from deploy.podman.engine import EngineError, podman
 from devstack import infra
+from devstack.rollout.containers import LABEL
 from devstack.rollout.drill import PHASES, DrillConfig, run_drill, scratch_data
 from devstack.rollout.fleet import SERVICES
 from devstack.rollout.load import EVENTS, GENERATE_HIT, GENERATE_MISS, QUOTA
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+# A cold image build takes minutes; with the images current the drill takes about a minute.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+
+class NotRunReport:
+    """A section at the end of the pytest report: the drill ran on processes only, and why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        terminalreporter.write_sep("=", "container rollout drill NOT RUN", yellow=True, bold=True)
+        terminalreporter.write_line(f"tests/e2e/test_rollout.py: {self.reason}")
+
+
+@pytest.fixture(scope="module")
+def runtime(request: pytest.FixtureRequest) -> str:
+    """`containers` when Podman works (the service images built or reused first), else
+    `processes`, said at the end of the report."""
+    try:
+        engine = podman()
+    except EngineError as err:
+        reason = f"the drill ran on processes, not on containers: {err}"
+        manager = request.config.pluginmanager
+        if not manager.has_plugin("genmesh-rollout-containers-not-run"):
+            manager.register(NotRunReport(reason), "genmesh-rollout-containers-not-run")
+        return "processes"
+    began = time.monotonic()
+    image_builder.build_all(engine, services=SERVICES)
+    print(f"images ready in {time.monotonic() - began:.1f}s")
+    return "containers"
 
 
 def _log_time(log: Path, message: str) -> datetime:
@@ -33,7 +73,7 @@ def _log_time(log: Path, message: str) -> datetime:
 
 
 def test_rolling_every_service_and_envoy_fails_no_request(
-    postgres_server: infra.Server, redis_url: str, tmp_path: Path
+    postgres_server: infra.Server, redis_url: str, tmp_path: Path, runtime: str
 ) -> None:
     started = time.monotonic()
     with scratch_data(postgres_server.url, redis_url) as (database_url, prefix):
@@ -47,6 +87,7 @@ def test_rolling_every_service_and_envoy_fails_no_request(
                 workers=8,
                 baseline_seconds=3,
                 pause_seconds=1,
+                runtime=runtime,
             )
         )
     elapsed = time.monotonic() - started
@@ -80,5 +121,11 @@ def test_rolling_every_service_and_envoy_fails_no_request(
             listening = _log_time(tmp_path / f"{step.new}.log", "listening on")
             stopping = _log_time(tmp_path / f"{step.old}.log", "stopping: draining")
             assert listening < stopping, step
+    assert report.runtime.split()[0] == runtime
+    if runtime == "containers":
+        # Every container of the drill was removed, and none of any drill is left.
+        assert report.leftover_containers == []
+        left = podman().run("ps", "--all", "--quiet", "--filter", f"label={LABEL}").stdout
+        assert left.split() == []
     # Bounded: startup, a 3 s baseline and eight replacements (target: under 90 s).
     assert elapsed < 180
