@@ -65,3 +65,7 @@ class ClientNetworks:
         if prefix == address.max_prefixlen:
             return str(address)
         return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+# IPv4 /32, IPv6 /64: what callers count with when they are not given configured prefixes.
+DEFAULT_NETWORKS = ClientNetworks()

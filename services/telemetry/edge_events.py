@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common.client_networks import ClientNetworks
+from services.common.client_networks import DEFAULT_NETWORKS, ClientNetworks
 
 # Event types of the statuses Envoy's filter is expected to send (see the gateway's access
 # log); any other status is counted under its own code as an `edge_error_burst`.
@@ -39,8 +39,6 @@ OTHER_EVENT_TYPE = "edge_error_burst"
 # Distinct paths kept per window for the event's details, and how much of each.
 MAX_SAMPLE_PATHS = 3
 MAX_PATH_CHARS = 200
-# The networks of the default prefix lengths (IPv4 /32, IPv6 /64), for client_network().
-_DEFAULT_NETWORKS = ClientNetworks()
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,6 @@ class _Window:
         self.samples: list[str] = []
 
 
-def client_network(ip: str) -> str:
-    """The network a client counts as with the default prefix lengths (IPv4 /32, IPv6 /64;
-    see ClientNetworks.network_of). The aggregator counts with the configured ones."""
-    return _DEFAULT_NETWORKS.network_of(ip)
-
-
 def sample_path(path: str) -> str:
     """The path as an event shows it: without its query string (which may carry anything the
     client sent), truncated, and without NUL characters (which PostgreSQL cannot store)."""
@@ -86,7 +78,7 @@ class EdgeEventAggregator:
         window_seconds: float = 60.0,
         threshold: int = 20,
         max_tracked: int = 100_000,
-        networks: ClientNetworks = _DEFAULT_NETWORKS,
+        networks: ClientNetworks = DEFAULT_NETWORKS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if window_seconds <= 0:

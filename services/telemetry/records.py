@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from google.protobuf import json_format, message, struct_pb2, timestamp_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2
-from services.common.client_networks import ClientNetworks
+from services.common.client_networks import DEFAULT_NETWORKS, ClientNetworks
 from services.common.errors import FieldViolation, ServiceError, invalid_argument
 from services.common.identity import Identity
 
@@ -37,8 +37,6 @@ MAX_EVENT_AGE = timedelta(days=30)
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 IDEMPOTENCY_KEY_FIELD = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
-# A guest's key is scoped to its client network; the service passes the configured prefixes.
-DEFAULT_NETWORKS = ClientNetworks()
 # The routes keys are scoped to (with the caller): one key may serve each route once.
 FEEDBACK_ROUTE = "SubmitFeedback"
 WISHLIST_ROUTE = "JoinWishlist"

@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.admin_auth import AdminGuard
-from services.common.client_networks import ClientNetworks
+from services.common.client_networks import DEFAULT_NETWORKS, ClientNetworks
 from services.common.identity import identity_from_metadata
 from services.telemetry import records
 from services.telemetry.health import HealthReport, SystemHealth
@@ -25,7 +25,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self,
         store: TelemetryStore,
         health: CachedHealth,
-        networks: ClientNetworks = records.DEFAULT_NETWORKS,
+        networks: ClientNetworks = DEFAULT_NETWORKS,
     ) -> None:
         self.store = store
         self.health = health
