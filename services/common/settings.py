@@ -23,6 +23,9 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field(default="INFO", alias="LOG_LEVEL")
     # OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317; empty = no export.
     otel_exporter_otlp_endpoint: str = Field(default="", alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    # OpenTelemetry's sampler name (the SDK reads it and OTEL_TRACES_SAMPLER_ARG). Empty: the
+    # SDK's parent-based always-on with an exporter, parent-based always-off without one.
+    otel_traces_sampler: str = Field(default="", alias="OTEL_TRACES_SAMPLER")
     # Operations slower than this are counted and logged as slow.
     slow_operation_ms: float = Field(default=1000.0, alias="SLOW_OPERATION_MS", gt=0)
     # How long in-flight RPCs may finish after SIGTERM before they are cancelled.
