@@ -11,7 +11,7 @@ STUBS  := gen/genmesh.pb
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto run test bench soak rollout-drill lint fmt k8s-validate images k8s-up k8s-down lock clean
+.PHONY: help venv proto run test bench bench-litellm soak rollout-drill lint fmt k8s-validate images k8s-up k8s-down lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,20 @@ test: $(STUBS) ## run the whole test suite (unit, integration, end to end)
 
 bench: $(STUBS) ## run the load benchmarks against a local mesh and print figures
 	@$(PY) -m bench
+
+# LiteLLM's proxy lives in a venv of its own (bench/litellm/requirements.txt, pinned by
+# constraints.txt there): its many dependencies never meet the project's.
+LITELLM_VENV  := .venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
+
+$(LITELLM_STAMP): bench/litellm/requirements.txt bench/litellm/constraints.txt
+	@echo "==> LiteLLM's virtual environment in $(LITELLM_VENV)"
+	@test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	@$(LITELLM_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/litellm/requirements.txt -c bench/litellm/constraints.txt
+	@touch $@
+
+bench-litellm: $(STUBS) $(LITELLM_STAMP) ## the LiteLLM proxy (Redis cache) beside genmesh, measured as make bench does
+	@$(PY) -m bench.litellm
 
 soak: $(STUBS) ## steady mixed traffic at half capacity for SOAK_MINUTES (10): errors and RSS
 	@$(PY) -m bench.soak
@@ -83,4 +97,4 @@ lock: ## re-pin every transitive dependency after editing requirements*.txt
 	@rm -rf $(VENV)/.lock
 
 clean: ## remove the venv, generated code and local run data
-	rm -rf $(VENV) gen .run node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(LITELLM_VENV) gen .run node_modules .mypy_cache .ruff_cache .pytest_cache

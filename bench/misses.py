@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ DIRECT = "simulator directly"
 
 @dataclass
 class Samples:
+    # Through what is measured: the mesh (or, in `make bench-litellm`, the LiteLLM proxy).
     mesh_ms: list[float] = field(default_factory=list)
     direct_ms: list[float] = field(default_factory=list)
     # Mesh answers that came from the cache after all (a prompt seen before): not misses.
@@ -62,51 +63,74 @@ def upstream_body(text: str, lang: str = "en") -> dict[str, Any]:
     }
 
 
-def _pair(mesh: httpx.Client, direct: httpx.Client, text: str) -> tuple[float, float, bool]:
-    """One miss through the mesh, then the same completion straight to the simulator: their
-    latencies in ms, and whether the mesh's answer came from its cache after all."""
+# One request through the system under test for a prompt: its latency in ms, and whether its
+# answer came from a cache after all (then the pair is no miss and is left out).
+Via = Callable[[str], tuple[float, bool]]
+
+
+def _via_mesh(mesh: httpx.Client, text: str) -> tuple[float, bool]:
+    """POST /api/generate through the mesh's Envoy (`mesh`): the miss's latency in ms, and
+    whether the answer came from the cache after all."""
     started = time.perf_counter()
     reply = mesh.post("/api/generate", json={"text": text, "lang": "en"})
     mesh_ms = (time.perf_counter() - started) * 1000
     if reply.status_code != 200:
         raise BenchError(f"miss via the mesh -> {reply.status_code} {reply.text[:300]}")
+    return mesh_ms, bool(reply.json().get("cached"))
+
+
+def _direct(direct: httpx.Client, text: str) -> float:
+    """The same completion straight to the simulator: its latency in ms."""
     started = time.perf_counter()
     answer = direct.post("/v1/chat/completions", json=upstream_body(text))
     direct_ms = (time.perf_counter() - started) * 1000
     if answer.status_code != 200:
         raise BenchError(f"simulator -> {answer.status_code} {answer.text[:300]}")
-    return mesh_ms, direct_ms, bool(reply.json().get("cached"))
+    return direct_ms
 
 
-def measure(
-    gateway_url: str, simulator_url: str, api_key: str, pairs: int, pids: Mapping[str, int]
+def measure_pairs(
+    via: Via, simulator_url: str, api_key: str, pairs: int, pids: Mapping[str, int]
 ) -> Samples:
-    """WARMUP_PAIRS pairs, then `pairs` measured ones, with the CPU each process in `pids`
-    used over the measured ones."""
+    """WARMUP_PAIRS pairs, then `pairs` measured ones (a new prompt through `via`, then the
+    same completion straight to the simulator), with the CPU each process in `pids` used over
+    the measured ones. `make bench` measures the mesh this way, `make bench-litellm` the
+    LiteLLM proxy (bench/litellm)."""
     run = uuid.uuid4().hex[:8]
     samples = Samples()
     auth = {"authorization": f"Bearer {api_key}"}
-    with (
-        httpx.Client(base_url=gateway_url, timeout=60) as mesh,
-        httpx.Client(base_url=simulator_url, timeout=60, headers=auth) as direct,
-    ):
+    with httpx.Client(base_url=simulator_url, timeout=60, headers=auth) as direct:
         for i in range(WARMUP_PAIRS):
-            _pair(mesh, direct, f"bench miss {run} warm-up {i}: name a colour")
+            text = f"bench miss {run} warm-up {i}: name a colour"
+            via(text)
+            _direct(direct, text)
         with CpuWindow(pids) as cpu:
             for i in range(pairs):
-                mesh_ms, direct_ms, cached = _pair(
-                    mesh, direct, f"bench miss {run} {i}: name a colour"
-                )
+                text = f"bench miss {run} {i}: name a colour"
+                via_ms, cached = via(text)
+                direct_ms = _direct(direct, text)
                 if cached:
                     samples.cached += 1
                     continue
-                samples.mesh_ms.append(mesh_ms)
+                samples.mesh_ms.append(via_ms)
                 samples.direct_ms.append(direct_ms)
     samples.cpu = cpu.used
     return samples
 
 
-def summarize(samples: Samples, sim_latency_ms: int) -> dict[str, Any]:
+def measure(
+    gateway_url: str, simulator_url: str, api_key: str, pairs: int, pids: Mapping[str, int]
+) -> Samples:
+    """`measure_pairs` through the mesh's Envoy at `gateway_url`."""
+    with httpx.Client(base_url=gateway_url, timeout=60) as mesh:
+        return measure_pairs(
+            lambda text: _via_mesh(mesh, text), simulator_url, api_key, pairs, pids
+        )
+
+
+def summarize(samples: Samples, sim_latency_ms: int, via: str = MESH) -> dict[str, Any]:
+    """Medians and p99 of both sides, keyed by `via` (what the misses went through) and
+    DIRECT, and what `via` added."""
     mesh, direct = samples.mesh_ms, samples.direct_ms
     if not mesh:
         raise BenchError("no cache miss was measured")
@@ -116,36 +140,43 @@ def summarize(samples: Samples, sim_latency_ms: int) -> dict[str, Any]:
             "p99_ms": percentile(values, 0.99),
             "distribution_ms": distribution(values, LATENCY_POINTS),
         }
-        for label, values in ((MESH, mesh), (DIRECT, direct))
+        for label, values in ((via, mesh), (DIRECT, direct))
     }
     return {
         "pairs": len(mesh),
         "cached": samples.cached,
         "sim_latency_ms": sim_latency_ms,
         "variants": figures,
-        "added_median_ms": figures[MESH]["median_ms"] - figures[DIRECT]["median_ms"],
-        "added_p99_ms": figures[MESH]["p99_ms"] - figures[DIRECT]["p99_ms"],
+        "added_median_ms": figures[via]["median_ms"] - figures[DIRECT]["median_ms"],
+        "added_p99_ms": figures[via]["p99_ms"] - figures[DIRECT]["p99_ms"],
         "cpu_us_per_pair": {
             name: per_unit_us(used, len(mesh)) for name, used in samples.cpu.items()
         },
     }
 
 
-def print_misses(figures: dict[str, Any]) -> None:
+def print_misses(
+    figures: dict[str, Any],
+    via: str = MESH,
+    through: str = "the mesh's Envoy",
+    who: str = "the mesh",
+) -> None:
+    """The table of `summarize`'s figures: `via` its label, `through` where the misses went,
+    `who` what added the difference."""
     print(
         f"Sequential cache misses: {figures['pairs']} pairs, one request at a time, a new prompt "
-        f"through the mesh's Envoy then the same chat completion straight to the simulator "
+        f"through {through} then the same chat completion straight to the simulator "
         f"(fixed upstream latency {figures['sim_latency_ms']} ms), after {WARMUP_PAIRS} "
         "warm-up pairs"
     )
     header = f"{'':<22} {'median ms':>10} {'p99 ms':>8}"
     print(header)
     print("-" * len(header))
-    for label in (MESH, DIRECT):
+    for label in (via, DIRECT):
         v = figures["variants"][label]
         print(f"{label:<22} {v['median_ms']:>10.2f} {v['p99_ms']:>8.2f}")
     print(
-        f"{'added by the mesh':<22} {figures['added_median_ms']:>+10.2f} "
+        f"{'added by ' + who:<22} {figures['added_median_ms']:>+10.2f} "
         f"{figures['added_p99_ms']:>+8.2f}"
     )
     cpu = ", ".join(f"{name} {fmt(us, 0, 0)}" for name, us in figures["cpu_us_per_pair"].items())
