@@ -15,10 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, aio_server_interceptor
-from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -45,20 +42,31 @@ def configure_tracing(service: str, otlp_endpoint: str, sampler_name: str = "") 
         resource=Resource.create({SERVICE_NAME: service}),
         sampler=default_sampler(otlp_endpoint, sampler_name),
     )
-    if otlp_endpoint:
-        provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
-        )
     trace.set_tracer_provider(provider)
     # gRPC clients carry the trace context to the next service, exporter or not.
     GrpcAioInstrumentorClient().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
     if otlp_endpoint:
-        # A span per query and per Redis command is only worth its cost (a tenth of a cache
-        # hit's CPU in generation) when something receives it.
-        AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
-        RedisInstrumentor().instrument(tracer_provider=provider)
+        _export_and_instrument(provider, otlp_endpoint)
     _provider = provider
     return provider
+
+
+def _export_and_instrument(provider: TracerProvider, otlp_endpoint: str) -> None:
+    """OTLP export, and a span per query and per Redis command: only worth their cost (a tenth
+    of a cache hit's CPU in generation) when something receives the spans. Imported here, not
+    at the top: a process without an exporter saves their memory too (about 5 MB)."""
+    # Deferred imports, on purpose (see above).
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+        OTLPSpanExporter,
+    )
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor  # noqa: PLC0415
+    from opentelemetry.instrumentation.redis import RedisInstrumentor  # noqa: PLC0415
+
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+    )
+    AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
+    RedisInstrumentor().instrument(tracer_provider=provider)
 
 
 def server_interceptor(untraced_services: Sequence[str] = ()) -> Any:
