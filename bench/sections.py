@@ -8,7 +8,18 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from bench import ceiling, events, limits_cost, misses, quota, ratelimit, wrk
+from bench import (
+    ceiling,
+    events,
+    limits_cost,
+    misses,
+    processes,
+    quota,
+    ratelimit,
+    tracing_cost,
+    validation_cost,
+    wrk,
+)
 from bench.envoy import Gateway, extra_gateway
 from bench.events_report import print_events
 from bench.scenarios import print_scenarios
@@ -18,7 +29,7 @@ from bench.stack import Stack
 
 Section = Callable[[Stack, BenchSettings], dict[str, Any]]
 # Sections that need wrk (Envoy cannot be loaded enough from Python); skipped without it.
-NEEDS_WRK = frozenset({"ceiling", "limits", "events"})
+NEEDS_WRK = frozenset({"ceiling", "limits", "processes", "tracing", "events"})
 
 
 def _wrk() -> str:
@@ -113,6 +124,27 @@ def run_limits(stack: Stack, s: BenchSettings) -> dict[str, Any]:
     return limits_cost.print_cost(report)
 
 
+def run_processes(stack: Stack, s: BenchSettings) -> dict[str, Any]:
+    report = processes.measure(_wrk(), stack, s.rounds, s.wrk_seconds, s.warmup_seconds)
+    figures = processes.summarize(report)
+    processes.print_processes(figures)
+    return figures
+
+
+def run_tracing(stack: Stack, s: BenchSettings) -> dict[str, Any]:
+    figures = tracing_cost.measure(_wrk(), stack, s.rounds, s.wrk_seconds, s.warmup_seconds)
+    tracing_cost.print_tracing(figures)
+    return figures
+
+
+def run_validation(stack: Stack, s: BenchSettings) -> dict[str, Any]:
+    per_call = validation_cost.measure()
+    hit = stack.figures.get("ceiling", {}).get("variants", {}).get(ceiling.HIT, {})
+    per_hit: dict[str, float] | None = hit.get("cpu_us_per_request")
+    validation_cost.print_validation(per_call, per_hit)
+    return {"cpu_us_per_call": per_call, "service_cpu_us_per_hit": per_hit}
+
+
 def run_events(stack: Stack, s: BenchSettings) -> dict[str, Any]:
     config = stack.config
     services = {name: stack.pid(name) for name in ("envoy", "quota", "telemetry")}
@@ -148,6 +180,9 @@ SECTIONS: dict[str, Section] = {
     "quota": run_quota,
     "ratelimit": run_ratelimit,
     "limits": run_limits,
+    "processes": run_processes,
+    "tracing": run_tracing,
+    "validation": run_validation,
     "events": run_events,
     "scenarios": run_scenarios,
     "singleflight": run_singleflight,

@@ -14,6 +14,9 @@ SECTIONS = (
     "quota",  # ReserveQuota + SettleReservation per second over gRPC
     "ratelimit",  # ShouldRateLimit decisions per second
     "limits",  # cache-hit generate with the rate limits on and off (wrk)
+    "processes",  # processes per service and Envoy workers, a mesh each (wrk)
+    "tracing",  # cache-hit generate with tracing off, 1 in 10 and every trace exported (wrk)
+    "validation",  # protovalidate's CPU per message of a cache hit, in-process
     "events",  # committed funnel events per second vs row at a time (wrk)
     "scenarios",  # every REST scenario through Envoy (httpx)
     "singleflight",  # bursts of identical vs distinct misses

@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.children import Process, spawn_python, wait_grpc_serving
 from bench.gateway import BenchGateway
@@ -42,6 +43,9 @@ class Stack:
     echo: Process | None = None
     gateway: BenchGateway | None = None
     extra: dict[str, int] = field(default_factory=dict)
+    # The figures of the sections run so far, by section name (a later section may quote an
+    # earlier one's, e.g. validation the ceiling's CPU per cache hit).
+    figures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> MeshConfig:
@@ -152,3 +156,89 @@ def private_stack(extra_env: dict[str, str], *, with_echo: bool) -> Iterator[Sta
             shutil.rmtree(scratch, ignore_errors=True)
         else:
             print(f"==> logs kept in {scratch / 'logs'}", flush=True)
+
+
+# The order devstack's Mesh starts the services in (generation needs the others' addresses,
+# not their being up, but this order is the one `make run` logs).
+START_ORDER = ("quota", "telemetry", "generation")
+
+
+def replica_name(service: str, index: int) -> str:
+    """The name (and log file) of the `index`th (from 1) process of `service` in a
+    replica_mesh."""
+    return f"{service}-{index}"
+
+
+@contextlib.contextmanager
+def replica_mesh(
+    stack: Stack,
+    replicas: Mapping[str, int],
+    gateway_overrides: Mapping[str, str],
+    tag: str,
+    service_env: Mapping[str, str] | None = None,
+) -> Iterator[Mesh]:
+    """Another mesh beside the stack's, sharing its PostgreSQL server and Redis (with a
+    database and a key prefix of its own), its services' environment, and running
+    `replicas[service]` processes of each service (1 for those not listed), each on a port of
+    its own: the service's *_ADDR is the comma-separated list, which Envoy's cluster and the
+    services' gRPC channels (round_robin over an `ipv4:` target) balance over, as they would
+    over a headless Service's pods. Its Envoy runs with `gateway_overrides` (e.g.
+    GATEWAY_CONCURRENCY) on top of that environment and routes to every replica when the block
+    starts; `service_env` is added to every process's environment (e.g. tracing settings).
+    The processes are the mesh's children, named by `replica_name` (the Envoy "envoy");
+    everything is stopped, the database dropped and the keys deleted when the block
+    ends, however it ends. The logs go to the stack's scratch folder, under `tag`."""
+    counts = {service: replicas.get(service, 1) for service in START_ORDER}
+    if min(counts.values()) < 1:
+        raise ValueError(f"every service needs at least one process: {counts}")
+    base = stack.config
+    db_name = f"genmesh_bench_{uuid.uuid4().hex[:8]}"
+    key_prefix = f"genmesh-bench-{uuid.uuid4().hex[:8]}:"
+    addrs = {
+        service: [f"127.0.0.1:{infra.free_port()}" for _ in range(count)]
+        for service, count in counts.items()
+    }
+    mesh: Mesh | None = None
+    try:
+        # The stack's database URL names its server: with_database swaps the database.
+        database_url = asyncio.run(_prepare_database(base.database_url, db_name))
+        config = MeshConfig(
+            database_url=database_url,
+            redis_url=base.redis_url,
+            redis_key_prefix=key_prefix,
+            generation_addr=",".join(addrs["generation"]),
+            quota_addr=",".join(addrs["quota"]),
+            telemetry_addr=",".join(addrs["telemetry"]),
+            gateway_port=infra.free_port(),
+            gateway_admin_port=infra.free_port(),
+            gateway_ops_port=infra.free_port(),
+            simulator_port=infra.free_port(),
+            metrics_ports={"generation": 0, "quota": 0, "telemetry": 0},
+            log_dir=stack.scratch / tag / "logs",
+            extra_env={**base.extra_env, **(service_env or {})},
+        )
+        mesh = Mesh(config)
+        if config.uses_simulator:
+            mesh.start_simulator()
+        for service in START_ORDER:
+            # Every replica at once, then wait for each (replicas do not need each other).
+            started = [
+                (mesh.spawn_service(service, addr, replica_name(service, i)), addr)
+                for i, addr in enumerate(addrs[service], start=1)
+            ]
+            for child, addr in started:
+                mesh.wait_grpc_serving(child, addr)
+        mesh.start_gateway(
+            "envoy",
+            config.gateway_port,
+            config.gateway_admin_port,
+            gateway_overrides,
+            ops_port=config.gateway_ops_port,
+        )
+        yield mesh
+    finally:
+        if mesh is not None:
+            mesh.stop()
+        asyncio.run(infra.drop_database(base.database_url, db_name))
+        if base.redis_url:
+            asyncio.run(infra.delete_keys(base.redis_url, key_prefix))
