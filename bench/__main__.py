@@ -15,6 +15,14 @@ run, with a warm-up and the median of alternating rounds:
 - ratelimit: ShouldRateLimit decisions per second of one quota process (bench/ratelimit.py);
 - limits: cache-hit generate through the mesh's Envoy and a second one with
   GATEWAY_RATE_LIMIT=false, alternating: what the limits cost (bench/limits_cost.py);
+- processes: cache-hit generate through three meshes started for the section, alternating:
+  one process per service with Envoy at 1 worker (GATEWAY_CONCURRENCY=1, as deploy/k8s) and
+  at one worker per core (0, the `make run` default), and two processes of generation and of
+  quota: RPS, p50, p99 and the CPU per request of each kind of process (bench/processes.py);
+- tracing: the same with tracing as deployed without a collector, one trace in ten exported
+  and every trace exported to a sink in the bench: what tracing costs (bench/tracing_cost.py);
+- validation: protovalidate's CPU per call on a cache hit's messages, in-process, beside each
+  service's CPU per hit from the ceiling section (bench/validation_cost.py);
 - events: committed funnel events per second through POST /api/events against INSERTing them
   one row at a time (bench/events.py);
 - scenarios: every REST scenario through Envoy with an httpx client (bench/scenarios.py);
@@ -32,7 +40,7 @@ machine is shared by the load generator and every process: quote the ratios.
 Settings (environment):
   BENCH_SECTIONS          comma list of sections to run (default: all, in the order above)
   BENCH_ROUNDS            alternating rounds per variant, medians reported (3)
-  BENCH_WRK_SECONDS       each wrk run of the ceiling and limits sections (8)
+  BENCH_WRK_SECONDS       each wrk run of the ceiling, limits, processes and tracing sections (8)
   BENCH_WARMUP_SECONDS    warm-up of each variant before its rounds (2)
   BENCH_CONNECTIONS       wrk connections of the ceiling section (32)
   BENCH_SIM_LATENCY_MS    fixed latency of the simulator's answers (50)
@@ -50,8 +58,8 @@ Settings (environment):
   BENCH_RESULTS_DIR       where the JSON and PNG go (bench/results)
   BENCH_KEEP_LOGS         1: keep the run's logs and rendered configs (kept after a failure)
 
-wrk (apt-get install -y wrk; brew install wrk) loads Envoy; without it the ceiling, limits
-and events sections are skipped and the hint says how to install it.
+wrk (apt-get install -y wrk; brew install wrk) loads Envoy; without it the ceiling, limits,
+processes, tracing and events sections are skipped and the hint says how to install it.
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
             f"upstream latency {settings.sim_latency_ms} ms; every rate limit raised",
             flush=True,
         )
+        stack.figures = sections
         rss_start = rss_snapshot(stack.processes())
         for name in chosen:
             _title(name)
