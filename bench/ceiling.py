@@ -11,7 +11,6 @@ quota, telemetry, wrk itself); then the cache-hit RPS as a share of the ceiling'
 from __future__ import annotations
 
 import json
-import statistics
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +100,6 @@ def measure(
     return runs
 
 
-def _median_distribution(results: list[wrk.WrkResult]) -> dict[str, float]:
-    points = results[0].distribution_ms.keys()
-    return {
-        p: statistics.median(r.distribution_ms[p] for r in results if p in r.distribution_ms)
-        for p in points
-    }
-
-
 def summarize(runs: list[Run], connections: int) -> dict[str, Any]:
     """Medians per variant, CPU per request per process, and the ratio to the ceiling."""
     out: dict[str, Any] = {}
@@ -117,14 +108,8 @@ def summarize(runs: list[Run], connections: int) -> dict[str, Any]:
         results = [run.result for run in mine]
         names = list(mine[0].cpu)
         out[label] = {
-            "rps": statistics.median(r.rps for r in results),
-            "rps_rounds": [r.rps for r in results],
-            "p50_ms": statistics.median(r.p50_ms for r in results),
-            "p99_ms": statistics.median(r.p99_ms for r in results),
-            "non_2xx": sum(r.non_2xx for r in results),
-            "socket_errors": sum(r.socket_errors for r in results),
-            "requests": sum(r.requests for r in results),
-            "distribution_ms": _median_distribution(results),
+            **wrk.summarize_rounds(results),
+            "distribution_ms": wrk.median_distribution(results),
             "cpu_us_per_request": {
                 n: median_known([per_unit_us(run.cpu.get(n), run.result.requests) for run in mine])
                 for n in names

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
@@ -250,13 +249,7 @@ def summarize(report: Report, baseline: Variant = BASELINE) -> dict[str, Any]:
             "processes": {s: variant.processes(s) for s in SERVICES},
             "gateway_concurrency": variant.concurrency,
             "envoy_workers": report.workers.get(variant.label),
-            "rps": statistics.median(r.rps for r in results),
-            "rps_rounds": [r.rps for r in results],
-            "p50_ms": statistics.median(r.p50_ms for r in results),
-            "p99_ms": statistics.median(r.p99_ms for r in results),
-            "non_2xx": sum(r.non_2xx for r in results),
-            "socket_errors": sum(r.socket_errors for r in results),
-            "requests": sum(r.requests for r in results),
+            **wrk.summarize_rounds(results),
             "cpu_us_per_request": {
                 key: median_known([rows.get(key) for rows in per_run]) for key in columns
             },

@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 import resource
 import shutil
+import statistics
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 INSTALL_HINT = (
     "wrk is not installed, so the sections that load Envoy are skipped: "
@@ -172,3 +175,26 @@ def run_with_cpu(
     before = children_cpu_seconds()
     result = run(wrk, url, script, seconds, threads=threads, connections=connections)
     return result, children_cpu_seconds() - before
+
+
+def summarize_rounds(results: Sequence[WrkResult]) -> dict[str, Any]:
+    """The figures every wrk-driven table reports for a variant's rounds: medians of RPS, p50
+    and p99 (and each round's RPS), the non-2xx answers, socket errors and requests summed."""
+    return {
+        "rps": statistics.median(r.rps for r in results),
+        "rps_rounds": [r.rps for r in results],
+        "p50_ms": statistics.median(r.p50_ms for r in results),
+        "p99_ms": statistics.median(r.p99_ms for r in results),
+        "non_2xx": sum(r.non_2xx for r in results),
+        "socket_errors": sum(r.socket_errors for r in results),
+        "requests": sum(r.requests for r in results),
+    }
+
+
+def median_distribution(results: Sequence[WrkResult]) -> dict[str, float]:
+    """Per latency point of the rounds' dumps, the median over the rounds."""
+    points = results[0].distribution_ms.keys()
+    return {
+        p: statistics.median(r.distribution_ms[p] for r in results if p in r.distribution_ms)
+        for p in points
+    }

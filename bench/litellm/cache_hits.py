@@ -9,7 +9,6 @@ after the rounds, says how many reached it (0 when every one was a hit)."""
 from __future__ import annotations
 
 import json
-import statistics
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,18 +85,9 @@ def summarize(runs: list[Round], connections: int, upstream: int) -> dict[str, A
     names = list(runs[0].cpu)
     return {
         "connections": connections,
-        "rps": statistics.median(r.rps for r in results),
-        "rps_rounds": [r.rps for r in results],
-        "p50_ms": statistics.median(r.p50_ms for r in results),
-        "p99_ms": statistics.median(r.p99_ms for r in results),
-        "non_2xx": sum(r.non_2xx for r in results),
-        "socket_errors": sum(r.socket_errors for r in results),
-        "requests": sum(r.requests for r in results),
+        **wrk.summarize_rounds(results),
         "upstream_requests": upstream,
-        "distribution_ms": {
-            p: statistics.median(r.distribution_ms[p] for r in results if p in r.distribution_ms)
-            for p in results[0].distribution_ms
-        },
+        "distribution_ms": wrk.median_distribution(results),
         "cpu_us_per_request": {
             n: median_known([per_unit_us(run.cpu.get(n), run.result.requests) for run in runs])
             for n in names
