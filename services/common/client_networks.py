@@ -10,6 +10,7 @@ counts per address (/32) by default; both prefix lengths are settings.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -55,16 +56,24 @@ class ClientNetworks:
         as the address), `2001:db8:1:2::/64`. IPv4-mapped IPv6 (`::ffff:203.0.113.7`) counts
         as the IPv4 address it carries. Empty when `ip` is not an IP address: such a caller
         has no network to count, and callers decide what that means."""
-        try:
-            address = ipaddress.ip_address(ip.strip())
-        except ValueError:
-            return ""
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        prefix = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
-        if prefix == address.max_prefixlen:
-            return str(address)
-        return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+        return _network_of(ip, self.ipv4_prefix, self.ipv6_prefix)
+
+
+# Every rate-limit decision and quota call asks for its caller's network, and the same clients
+# call again and again: parsing with ipaddress is most of the cost, so answers are kept for the
+# most recent addresses.
+@functools.lru_cache(maxsize=8192)
+def _network_of(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    try:
+        address = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    if prefix == address.max_prefixlen:
+        return str(address)
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 # IPv4 /32, IPv6 /64: what callers count with when they are not given configured prefixes.
