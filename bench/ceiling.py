@@ -21,7 +21,7 @@ import httpx
 from bench import wrk
 from bench.errors import BenchError
 from bench.proc import CpuWindow
-from bench.stats import fmt, median_known, per_unit_us, share_percent
+from bench.stats import fmt
 
 THREADS = 2
 ECHO = "echo (ceiling)"
@@ -106,18 +106,10 @@ def summarize(runs: list[Run], connections: int) -> dict[str, Any]:
     for label in (ECHO, HIT):
         mine = [run for run in runs if run.variant == label]
         results = [run.result for run in mine]
-        names = list(mine[0].cpu)
         out[label] = {
             **wrk.summarize_rounds(results),
             "distribution_ms": wrk.median_distribution(results),
-            "cpu_us_per_request": {
-                n: median_known([per_unit_us(run.cpu.get(n), run.result.requests) for run in mine])
-                for n in names
-            },
-            "cpu_percent": {
-                n: median_known([share_percent(run.cpu.get(n), run.result.seconds) for run in mine])
-                for n in names
-            },
+            **wrk.cpu_medians([(run.result, run.cpu) for run in mine]),
         }
     echo, hit = out[ECHO], out[HIT]
     per_round = [h / e for h, e in zip(hit["rps_rounds"], echo["rps_rounds"], strict=True) if e]

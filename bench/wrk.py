@@ -12,10 +12,12 @@ import resource
 import shutil
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.stats import median_known, per_unit_us, share_percent
 
 INSTALL_HINT = (
     "wrk is not installed, so the sections that load Envoy are skipped: "
@@ -197,4 +199,20 @@ def median_distribution(results: Sequence[WrkResult]) -> dict[str, float]:
     return {
         p: statistics.median(r.distribution_ms[p] for r in results if p in r.distribution_ms)
         for p in points
+    }
+
+
+def cpu_medians(rounds: Sequence[tuple[WrkResult, Mapping[str, float]]]) -> dict[str, Any]:
+    """Per process, over a variant's rounds (each wrk's result and the CPU seconds each process
+    used meanwhile): the median CPU µs per request and the median share of a core."""
+    names = list(rounds[0][1])
+    return {
+        "cpu_us_per_request": {
+            n: median_known([per_unit_us(cpu.get(n), result.requests) for result, cpu in rounds])
+            for n in names
+        },
+        "cpu_percent": {
+            n: median_known([share_percent(cpu.get(n), result.seconds) for result, cpu in rounds])
+            for n in names
+        },
     }

@@ -21,7 +21,7 @@ from bench.ceiling import THREADS, WRK
 from bench.errors import BenchError
 from bench.misses import upstream_body
 from bench.proc import CpuWindow
-from bench.stats import fmt, median_known, per_unit_us, share_percent
+from bench.stats import fmt
 
 LABEL = "LiteLLM cache hit"
 PATH = "/v1/chat/completions"
@@ -82,20 +82,12 @@ def measure(
 def summarize(runs: list[Round], connections: int, upstream: int) -> dict[str, Any]:
     """The same figures bench/ceiling.py gives each of its variants."""
     results = [run.result for run in runs]
-    names = list(runs[0].cpu)
     return {
         "connections": connections,
         **wrk.summarize_rounds(results),
         "upstream_requests": upstream,
         "distribution_ms": wrk.median_distribution(results),
-        "cpu_us_per_request": {
-            n: median_known([per_unit_us(run.cpu.get(n), run.result.requests) for run in runs])
-            for n in names
-        },
-        "cpu_percent": {
-            n: median_known([share_percent(run.cpu.get(n), run.result.seconds) for run in runs])
-            for n in names
-        },
+        **wrk.cpu_medians([(run.result, run.cpu) for run in runs]),
     }
 
 
