@@ -5,9 +5,10 @@ service behind an Envoy running the mesh's own config plus an echo route — and
 run, with a warm-up and the median of alternating rounds:
 
 - ceiling: REST POST /api/echo to the echo service and cache-hit POST /api/generate, both
-  through that Envoy, wrk at BENCH_CONNECTIONS connections, alternating: RPS, p50, p99, non-2xx,
-  the cache-hit RPS as a share of the ceiling's, and each process's CPU per request
-  (bench/ceiling.py);
+  through that Envoy, and the shape's floor (a cache hit's hops and Redis round trips with no
+  code at them, bench/floor_server.py), wrk at BENCH_CONNECTIONS connections, alternating:
+  RPS, p50, p99, non-2xx, the cache-hit's and the floor's RPS as shares of the ceiling's, and
+  each process's CPU per request (bench/ceiling.py);
 - miss: sequential cache misses through the mesh against the same chat completion sent to the
   simulator directly: the latency the mesh adds, median and p99 (bench/misses.py);
 - quota: ReserveQuota + SettleReservation(COMMIT) pairs per second of one quota process over
@@ -71,6 +72,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench import goals, memory, plot, results, wrk
+from bench.bounds import print_bounds
 from bench.errors import BenchError
 from bench.proc import rss_snapshot
 from bench.sections import NEEDS_WRK, SECTIONS
@@ -122,6 +124,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
     goals.print_goals(verdicts, os.cpu_count())
     print("  RSS growth after 10 minutes at half capacity: make soak")
     document["goals"] = goals.as_json(verdicts)
+    document["bounds"] = print_bounds(sections, os.cpu_count())
     document["finished"] = datetime.now(UTC).isoformat()
     return document
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -34,15 +35,19 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
         return echo_pb2.EchoResponse(text=request.text)
 
 
-async def serve(addr: str) -> None:
+async def serve_until_signal(
+    addr: str, health_names: Iterable[str], register: Callable[[grpc.aio.Server], None]
+) -> None:
+    """A grpc.aio server as the services run theirs, with `register`'s services and the gRPC
+    health service reporting SERVING for `health_names`, until SIGTERM or SIGINT."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(), server)
+    register(server)
     checks = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     if server.add_insecure_port(addr) == 0:
-        sys.exit(f"echo: cannot listen on {addr}")
+        sys.exit(f"cannot listen on {addr}")
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in health_names:
         await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -50,6 +55,13 @@ async def serve(addr: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(1)
+
+
+async def serve(addr: str) -> None:
+    def register(server: grpc.aio.Server) -> None:
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(), server)
+
+    await serve_until_signal(addr, ("", SERVICE_NAME), register)
 
 
 def main(argv: list[str]) -> None:

@@ -73,7 +73,7 @@ def print_events(report: EventsReport, cores: int | None) -> dict[str, Any]:
         print(
             "  cross-check: every run's rows in funnel_events tally with what its client was told"
         )
-    _print_cpu(runs)
+    cpu = _print_cpu(runs)
 
     mesh, rows = medians[MESH], medians[ROWS]
     ratio = mesh / rows if rows else None
@@ -87,11 +87,13 @@ def print_events(report: EventsReport, cores: int | None) -> dict[str, Any]:
         "server": report.server,
         "events_per_request": EVENTS_PER_REQUEST,
         "connections": CONNECTIONS,
+        "cpu_us_per_event": cpu,
     }
 
 
-def _print_cpu(runs: Sequence[EventsRun]) -> None:
-    """CPU per committed event and share of one core, by process, medians per variant."""
+def _print_cpu(runs: Sequence[EventsRun]) -> dict[str, dict[str, float | None]]:
+    """CPU per committed event and share of one core, by process, medians per variant; returns
+    the CPU µs per event by variant and process."""
     names = [CLIENT, *(n for n in runs[0].cpu if n not in (CLIENT, POSTGRES))]
     if all(POSTGRES in run.cpu for run in runs):
         names.append(POSTGRES)
@@ -102,7 +104,7 @@ def _print_cpu(runs: Sequence[EventsRun]) -> None:
     print(header)
     print("-" * len(header))
 
-    def cells(variant: str, pick: Sequence[str]) -> str:
+    def medians(variant: str, pick: Sequence[str]) -> tuple[float | None, float | None]:
         used = [
             (sum(run.cpu[n] for n in pick), run)
             for run in runs
@@ -114,9 +116,14 @@ def _print_cpu(runs: Sequence[EventsRun]) -> None:
         share = median_known(
             [cpu / run.seconds * 100 if run.seconds else None for cpu, run in used]
         )
+        return per_event, share
+
+    def cells(variant: str, pick: Sequence[str]) -> str:
+        per_event, share = medians(variant, pick)
         return f"{fmt(per_event, 13, 1)} {fmt(share, 11, 0)}"
 
     for name in names:
         print(f"{name:<24} {cells(MESH, [name])} {cells(ROWS, [name])}")
     print(f"{'all of the above':<24} {cells(MESH, names)} {cells(ROWS, names)}")
     print("  % core: CPU time / wall time x 100, so the whole machine is 100 x its cores")
+    return {v: {name: medians(v, [name])[0] for name in names} for v in VARIANTS}

@@ -16,6 +16,9 @@ What is added, and nothing else (the production template and renderer are not to
   header clean-up) with the rate limit filter disabled: the ceiling is Envoy, its transcoder
   and a trivial Python service, with no call to the quota service. What the limits cost is
   measured on its own (bench/limits_cost.py).
+
+With --rate-limited the echo routes keep the rate limit filter: the shape's floor
+(bench/floor_server.py) runs behind such an Envoy, whose quota cluster is the floor's.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def _public_hcm(config: dict[str, Any]) -> dict[str, Any]:
     return hcm
 
 
-def add_echo(config: dict[str, Any], echo_addr: str) -> dict[str, Any]:
-    """A copy of the rendered mesh config (parsed) with the echo route and cluster added."""
+def add_echo(config: dict[str, Any], echo_addr: str, rate_limited: bool = False) -> dict[str, Any]:
+    """A copy of the rendered mesh config (parsed) with the echo route and cluster added; the
+    echo routes ask the rate limit service only when `rate_limited` (the shape's floor)."""
     config = copy.deepcopy(config)
     transcoders = [
         node
@@ -82,7 +86,8 @@ def add_echo(config: dict[str, Any], echo_addr: str) -> dict[str, Any]:
     for marker in api_markers:
         echo = copy.deepcopy(marker)
         echo["match"]["prefix"] = ECHO_PATH
-        echo.setdefault("typed_per_filter_config", {})[RATE_LIMIT_FILTER] = DISABLED
+        if not rate_limited:
+            echo.setdefault("typed_per_filter_config", {})[RATE_LIMIT_FILTER] = DISABLED
         echo_markers.append(echo)
     first_marker = routes.index(api_markers[0])
     routes[first_marker:first_marker] = echo_markers
@@ -120,11 +125,13 @@ def add_echo(config: dict[str, Any], echo_addr: str) -> dict[str, Any]:
     return config
 
 
-def render_with_echo(echo_addr: str, settings: GatewaySettings | None = None) -> str:
+def render_with_echo(
+    echo_addr: str, settings: GatewaySettings | None = None, rate_limited: bool = False
+) -> str:
     """The mesh's Envoy config for these settings (the environment's when omitted), with the
     echo route and cluster; JSON, which Envoy reads as YAML."""
     rendered = yaml.safe_load(render(settings))
-    return json.dumps(add_echo(rendered, echo_addr), indent=1)
+    return json.dumps(add_echo(rendered, echo_addr, rate_limited), indent=1)
 
 
 def gateway_env(config: MeshConfig, port: int, admin_port: int) -> dict[str, str]:
@@ -146,16 +153,24 @@ class BenchGateway:
     """The bench's Envoy, started and routing; `url` is its REST listener."""
 
     def __init__(
-        self, config: MeshConfig, echo_addr: str, workdir: Path, overrides: Mapping[str, str]
+        self,
+        config: MeshConfig,
+        echo_addr: str,
+        workdir: Path,
+        overrides: Mapping[str, str],
+        *,
+        rate_limited: bool = False,
+        name: str = "envoy-bench",
     ) -> None:
         port, admin_port = free_port(), free_port()
         self.url = f"http://{config.gateway_host}:{port}"
         self.admin_url = f"http://127.0.0.1:{admin_port}"
         env = {**gateway_env(config, port, admin_port), **overrides}
         out = workdir / f"envoy-bench-{port}.yaml"
+        args = ["-m", "bench.gateway", "--echo-addr", echo_addr, "--out", str(out), "--exec"]
         self.process: Process = spawn_python(
-            "envoy-bench",
-            ["-m", "bench.gateway", "--echo-addr", echo_addr, "--out", str(out), "--exec"],
+            name,
+            [*args, "--rate-limited"] if rate_limited else args,
             env,
             workdir / "logs",
         )
@@ -179,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--echo-addr", required=True, help="where the echo service listens")
     parser.add_argument("--out", type=Path, required=True, help="write the config here")
     parser.add_argument("--exec", action="store_true", help="then replace this process by Envoy")
+    parser.add_argument(
+        "--rate-limited", action="store_true", help="the echo routes ask the rate limit service"
+    )
     args = parser.parse_args(argv)
     settings = GatewaySettings()
     out: Path = args.out
@@ -186,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     # Like the gateway's renderer: the config may hold the JWT secret.
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(render_with_echo(args.echo_addr, settings))
+        fh.write(render_with_echo(args.echo_addr, settings, args.rate_limited))
     if args.exec:
         command = envoy_command(settings, out.resolve())
         os.execv(command[0], command)  # noqa: S606 - a fixed binary with our own arguments

@@ -12,7 +12,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from bench.ceiling import ECHO, HIT
+from bench.ceiling import ECHO, FLOOR, HIT
 from bench.goals import RATIO_TO_CEILING
 from bench.misses import DIRECT, MESH
 
@@ -23,7 +23,7 @@ def _curves(sections: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Scenario label -> {percentile text: ms}, for the sections that ran."""
     curves: dict[str, dict[str, float]] = {}
     ceiling = sections.get("ceiling", {}).get("variants", {})
-    for label in (ECHO, HIT):
+    for label in (ECHO, HIT, FLOOR):
         if label in ceiling:
             curves[f"{label}, wrk"] = ceiling[label]["distribution_ms"]
     misses = sections.get("miss", {}).get("variants", {})
@@ -53,9 +53,15 @@ def _draw_distributions(ax: Axes, curves: Mapping[str, Mapping[str, float]], tit
 def _draw_ratio(ax: Axes, ceiling: Mapping[str, Any]) -> None:
     ratio = ceiling.get("ratio")
     rounds = ceiling.get("ratio_rounds", [])
-    labels = [ECHO, HIT]
-    ax.bar(labels, [1.0, ratio or 0.0], color=["#999999", "#1f77b4"])
+    labels, heights, colours = [ECHO, HIT], [1.0, ratio or 0.0], ["#999999", "#1f77b4"]
+    if "floor_ratio" in ceiling:
+        labels.append(FLOOR)
+        heights.append(ceiling["floor_ratio"] or 0.0)
+        colours.append("#ff7f0e")
+    ax.bar(labels, heights, color=colours)
     ax.scatter([HIT] * len(rounds), rounds, color="black", zorder=3, label="each round")
+    floor_rounds = ceiling.get("floor_ratio_rounds", [])
+    ax.scatter([FLOOR] * len(floor_rounds), floor_rounds, color="black", zorder=3)
     ax.axhline(RATIO_TO_CEILING, linestyle="--", color="red", label=f"goal {RATIO_TO_CEILING:g}")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("requests/s, share of the ceiling")

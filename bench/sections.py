@@ -51,6 +51,7 @@ def run_ceiling(stack: Stack, s: BenchSettings) -> dict[str, Any]:
         s.wrk_seconds,
         s.warmup_seconds,
         s.connections,
+        stack.floor.url if stack.floor is not None else None,
     )
     figures = ceiling.summarize(runs, s.connections)
     ceiling.print_ceiling(figures, s.rounds, s.wrk_seconds, s.warmup_seconds)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.children import Process, spawn_python, wait_grpc_serving
+from bench.floor import Floor, start_floor
 from bench.gateway import BenchGateway
 from devstack import infra
 from devstack.limits import raised_limits_env
@@ -42,6 +43,8 @@ class Stack:
     redis: infra.Server | None
     echo: Process | None = None
     gateway: BenchGateway | None = None
+    # The shape's floor (bench/floor.py), beside the echo service when the run has a Redis.
+    floor: Floor | None = None
     extra: dict[str, int] = field(default_factory=dict)
     # The figures of the sections run so far, by section name (a later section may quote an
     # earlier one's, e.g. validation the ceiling's CPU per cache hit).
@@ -64,6 +67,8 @@ class Stack:
             found["echo"] = self.echo.pid
         if self.gateway is not None:
             found["envoy-bench"] = self.gateway.pid
+        if self.floor is not None:
+            found.update(self.floor.processes())
         if self.redis is not None and self.redis.process is not None:
             # Only a Redis we started: a shared one's figures include other people's work.
             found["redis"] = self.redis.process.pid
@@ -138,9 +143,13 @@ def private_stack(extra_env: dict[str, str], *, with_echo: bool) -> Iterator[Sta
             )
             wait_grpc_serving(stack.echo, echo_addr)
             stack.gateway = BenchGateway(config, echo_addr, scratch, {})
+            if config.redis_url:
+                stack.floor = start_floor(config, scratch)
         yield stack
         finished = True
     finally:
+        if stack is not None and stack.floor is not None:
+            stack.floor.stop()
         if stack is not None and stack.gateway is not None:
             stack.gateway.stop()
         if stack is not None and stack.echo is not None:

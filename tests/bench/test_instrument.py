@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bench import wrk
 from bench.echo_server import SERVICE_NAME as ECHO_SERVICE
@@ -24,20 +23,9 @@ from bench.gateway import (
 )
 from bench.settings import SECTIONS, SettingError, sections
 from bench.soak_traffic import Pacer
-from services.gateway.render import GatewaySettings, envoy_binary, render
+from services.gateway.render import envoy_binary
+from tests.bench.conftest import ECHO_ADDR
 from tests.gateway.harness import hcm
-
-ECHO_ADDR = "127.0.0.1:50070"
-# `make test` builds it (the Makefile's stubs target) before any test runs.
-DESCRIPTOR_SET = Path(__file__).resolve().parents[2] / "gen" / "genmesh.pb"
-
-
-@pytest.fixture
-def rendered() -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load(
-        render(GatewaySettings(GATEWAY_DESCRIPTOR_SET=DESCRIPTOR_SET))
-    )
-    return config
 
 
 def _without_echo(node: Any) -> Any:

@@ -1,0 +1,72 @@
+"""How far the goals are from what this run shows the machine allows, from the run's own
+figures: the shape's floor against the ceiling (bench/floor_server.py), and the most events per
+second Envoy and PostgreSQL leave room for at the CPU they spent per event."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bench.events import MESH, POSTGRES, ROWS
+from bench.goals import EVENTS_PER_SECOND, EVENTS_RATIO, RATIO_TO_CEILING
+from bench.stats import fmt
+
+# Processes whose CPU per event the project's Python does not spend: the proxy in front and the
+# database behind.
+NOT_PYTHON = ("envoy", POSTGRES)
+
+
+def floor_line(ceiling: Mapping[str, Any] | None) -> str | None:
+    if ceiling is None or ceiling.get("floor_ratio") is None:
+        return None
+    floor, hit = ceiling["floor_ratio"], ceiling.get("ratio")
+    return (
+        f"cache-hit / ceiling: the shape's floor (every hop and Redis round trip, no code) "
+        f"reaches {floor:.3f} and the real hit {fmt(hit, 0, 3)} ({fmt(hit / floor, 0, 2)} of "
+        f"the floor); the goal, {RATIO_TO_CEILING:.2f}, is "
+        f"{'within' if floor >= RATIO_TO_CEILING else 'above'} the floor"
+    )
+
+
+def events_ceiling(events: Mapping[str, Any] | None, cores: int | None) -> float | None:
+    """Events/s the cores allow if the Python services cost nothing: cores / the CPU per event
+    of Envoy and PostgreSQL in the mesh runs."""
+    if events is None or not cores:
+        return None
+    per_event = events.get("cpu_us_per_event", {}).get(MESH, {})
+    spent: list[float | None] = [per_event.get(name) for name in NOT_PYTHON]
+    known = [value for value in spent if value is not None and value > 0]
+    if len(known) != len(spent):
+        return None
+    return cores * 1e6 / sum(known)
+
+
+def events_line(events: Mapping[str, Any] | None, cores: int | None) -> str | None:
+    most = events_ceiling(events, cores)
+    if events is None or most is None:
+        return None
+    rows = events["events_per_second"].get(ROWS)
+    needed = EVENTS_RATIO * rows if rows else None
+    return (
+        f"committed events/s: at the CPU per event Envoy and PostgreSQL spent, {cores} cores "
+        f"allow at most {most:,.0f}/s even if the Python services cost nothing "
+        f"({fmt(most / rows if rows else None, 0, 1)}x row at a time); the goals ask "
+        f"{EVENTS_PER_SECOND:,.0f}/s and {EVENTS_RATIO:g}x ({fmt(needed, 0, 0)}/s here)"
+    )
+
+
+def print_bounds(sections: Mapping[str, Any], cores: int | None) -> list[str]:
+    """Print what applies to the sections that ran; return the lines (for the results)."""
+    lines = [
+        line
+        for line in (
+            floor_line(sections.get("ceiling")),
+            events_line(sections.get("events"), cores),
+        )
+        if line is not None
+    ]
+    if lines:
+        print("What this run shows the machine allows:")
+        for line in lines:
+            print(f"  {line}")
+    return lines

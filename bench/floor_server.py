@@ -1,0 +1,146 @@
+"""The floor of the mesh's shape, in `make bench`: what a cache-hit generate costs when every
+hop and every Redis round trip it needs is there and the code at each hop does nothing else.
+
+    python -m bench.floor_server quota HOST:PORT REDIS_URL KEY_PREFIX
+    python -m bench.floor_server generation HOST:PORT QUOTA_ADDR REDIS_URL KEY_PREFIX
+
+A cache hit crosses, in the real mesh: Envoy's rate-limit check (the quota service, one Redis
+script), the generation service, its call to the quota service to consume a unit (one Redis
+script), and the cache lookup (one Redis GET). The two roles here keep exactly those hops and
+round trips, with trivial work at each:
+
+- `quota` serves envoy.service.ratelimit.v3.RateLimitService (always OK, after one Redis
+  INCR) and genmesh.bench.v1.EchoService (the consume: one Redis INCR, then the text back);
+- `generation` serves EchoService: it calls the quota role's Echo, reads the cached answer
+  with one Redis GET (written at start) and answers with it.
+
+Both run as the services do (grpc.aio, the default asyncio loop, the same server options,
+the standard gRPC health service Envoy checks, redis.asyncio), with no interceptors,
+validation, tracing, metrics or per-request logs. bench/gateway.py puts them behind the
+bench's Envoy with the rate-limit filter on, so the floor goes through the same filter chain
+as the mesh. A cache hit cannot cost less than this in the shape the services have; the gap
+between the floor and the real hit is what the services' own code costs. Stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+from redis.asyncio import Redis
+
+from bench.echo_server import SERVICE_NAME as ECHO_SERVICE
+from bench.echo_server import serve_until_signal
+from genmesh.bench.v1 import echo_pb2, echo_pb2_grpc
+from services.common.envoy_api import message_classes
+
+USAGE = """usage: python -m bench.floor_server quota HOST:PORT REDIS_URL KEY_PREFIX
+       python -m bench.floor_server generation HOST:PORT QUOTA_ADDR REDIS_URL KEY_PREFIX"""
+RLS_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
+# The names Envoy's health checks ask for (the clusters of the real services).
+QUOTA_HEALTH = ("", ECHO_SERVICE, "genmesh.quota.v1.QuotaService")
+GENERATION_HEALTH = ("", ECHO_SERVICE, "genmesh.generation.v1.GenerationService")
+# About the size of a cached answer the bench's generate requests get back.
+CACHED_TEXT = "floor " + "x" * 250
+_OK = 1  # envoy.service.ratelimit.v3.RateLimitResponse.Code.OK
+
+
+class FloorQuota(echo_pb2_grpc.EchoServiceServicer):
+    """The consume: one Redis round trip."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis, self.key = redis, f"{prefix}floor:consumed"
+
+    async def Echo(
+        self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> echo_pb2.EchoResponse:
+        await self.redis.incr(self.key)
+        return echo_pb2.EchoResponse(text=request.text)
+
+
+class FloorGeneration(echo_pb2_grpc.EchoServiceServicer):
+    """The cache hit: one call to quota, one Redis GET."""
+
+    def __init__(
+        self, quota: echo_pb2_grpc.EchoServiceAsyncStub, redis: Redis, prefix: str
+    ) -> None:
+        self.quota, self.redis, self.key = quota, redis, f"{prefix}floor:cached"
+
+    async def Echo(
+        self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> echo_pb2.EchoResponse:
+        await self.quota.Echo(echo_pb2.EchoRequest(text=request.text))
+        cached = await self.redis.get(self.key)  # bytes: the client does not decode
+        return echo_pb2.EchoResponse(text=cached.decode() if isinstance(cached, bytes) else "")
+
+
+def _add_rate_limit_service(server: grpc.aio.Server, redis: Redis, prefix: str) -> None:
+    request_class, response_class = message_classes(
+        "envoy.service.ratelimit.v3.RateLimitRequest",
+        "envoy.service.ratelimit.v3.RateLimitResponse",
+    )
+    key = f"{prefix}floor:decisions"
+
+    async def should_rate_limit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await redis.incr(key)
+        response: Any = response_class()
+        response.overall_code = _OK
+        return response
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        should_rate_limit,
+        request_deserializer=request_class.FromString,
+        response_serializer=response_class.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(RLS_SERVICE, {"ShouldRateLimit": handler})]
+    )
+
+
+async def serve_quota(addr: str, redis_url: str, prefix: str) -> None:
+    redis = Redis.from_url(redis_url)
+
+    def register(server: grpc.aio.Server) -> None:
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(FloorQuota(redis, prefix), server)
+        _add_rate_limit_service(server, redis, prefix)
+
+    try:
+        await serve_until_signal(addr, QUOTA_HEALTH, register)
+    finally:
+        await redis.aclose()
+
+
+async def serve_generation(addr: str, quota_addr: str, redis_url: str, prefix: str) -> None:
+    redis = Redis.from_url(redis_url)
+    await redis.set(f"{prefix}floor:cached", CACHED_TEXT)
+    channel = grpc.aio.insecure_channel(quota_addr)
+
+    def register(server: grpc.aio.Server) -> None:
+        servicer = FloorGeneration(echo_pb2_grpc.EchoServiceStub(channel), redis, prefix)
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, server)
+
+    try:
+        await serve_until_signal(addr, GENERATION_HEALTH, register)
+    finally:
+        await channel.close(grace=None)
+        await redis.aclose()
+
+
+ROLES: dict[str, tuple[int, Callable[..., Coroutine[Any, Any, None]]]] = {
+    "quota": (3, serve_quota),
+    "generation": (4, serve_generation),
+}
+
+
+def main(argv: list[str]) -> None:
+    role = ROLES.get(argv[0]) if argv else None
+    if role is None or len(argv) - 1 != role[0]:
+        sys.exit(USAGE)
+    asyncio.run(role[1](*argv[1:]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

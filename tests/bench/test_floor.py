@@ -1,0 +1,103 @@
+"""The shape's floor (bench/floor_server.py) does each hop's Redis round trip and answers as a
+cache hit would, and its Envoy keeps the rate limit filter on the echo routes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from bench.children import Process, spawn_python, wait_grpc_serving
+from bench.floor_server import CACHED_TEXT, RLS_SERVICE
+from bench.gateway import ECHO_PATH, RATE_LIMIT_FILTER, add_echo
+from devstack.infra import free_port
+from genmesh.bench.v1 import echo_pb2, echo_pb2_grpc
+from services.common.envoy_api import message_classes
+from tests.bench.conftest import ECHO_ADDR
+from tests.gateway.harness import hcm
+
+
+@pytest.fixture
+def floor(redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    quota_addr, generation_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    prefix = f"{redis_prefix}floor-test:"
+    started: list[Process] = []
+    try:
+        quota = spawn_python(
+            "floor-quota",
+            ["-m", "bench.floor_server", "quota", quota_addr, redis_url, prefix],
+            os.environ,
+            tmp_path,
+        )
+        started.append(quota)
+        generation = spawn_python(
+            "floor-generation",
+            [
+                "-m",
+                "bench.floor_server",
+                "generation",
+                generation_addr,
+                quota_addr,
+                redis_url,
+                prefix,
+            ],
+            os.environ,
+            tmp_path,
+        )
+        started.append(generation)
+        wait_grpc_serving(quota, quota_addr)
+        wait_grpc_serving(generation, generation_addr)
+        yield quota_addr, generation_addr
+    finally:
+        for process in started:
+            process.stop()
+        for process in started:
+            assert process.popen.returncode == 0, process.log.read_text()
+
+
+async def test_a_floor_hit_takes_each_round_trip_and_answers_from_the_cache(
+    floor: tuple[str, str], redis_url: str, redis_prefix: str
+) -> None:
+    quota_addr, generation_addr = floor
+    prefix = f"{redis_prefix}floor-test:"
+    request_class, response_class = message_classes(
+        "envoy.service.ratelimit.v3.RateLimitRequest",
+        "envoy.service.ratelimit.v3.RateLimitResponse",
+    )
+    async with (
+        grpc.aio.insecure_channel(quota_addr) as quota,
+        grpc.aio.insecure_channel(generation_addr) as generation,
+    ):
+        check = quota.unary_unary(
+            f"/{RLS_SERVICE}/ShouldRateLimit",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        request: Any = request_class(domain="genmesh")
+        decision: Any = await check(request, timeout=5)
+        assert decision.overall_code == 1  # OK
+        hit = echo_pb2_grpc.EchoServiceStub(generation)
+        for _ in range(3):
+            answer = await hit.Echo(echo_pb2.EchoRequest(text="hello"), timeout=5)
+            assert answer.text == CACHED_TEXT
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.get(f"{prefix}floor:decisions") == b"1"
+        assert await redis.get(f"{prefix}floor:consumed") == b"3"
+    finally:
+        await redis.aclose()
+
+
+def test_the_floor_envoy_keeps_the_rate_limit_filter(rendered: dict[str, Any]) -> None:
+    routes = hcm(add_echo(rendered, ECHO_ADDR, rate_limited=True))["route_config"]["virtual_hosts"][
+        0
+    ]["routes"]
+    markers = [r for r in routes if r["match"].get("prefix") == ECHO_PATH]
+    assert len(markers) == 2
+    for marker in markers:
+        assert RATE_LIMIT_FILTER not in marker.get("typed_per_filter_config", {})
