@@ -100,7 +100,9 @@ def run(settings: BenchSettings) -> dict[str, Any]:
         "sections": {},
     }
     sections: dict[str, Any] = document["sections"]
-    with private_stack(env, with_echo="ceiling" in chosen) as stack:
+    with private_stack(
+        env, with_echo="ceiling" in chosen, with_floor=bool({"ceiling", "quota"} & set(chosen))
+    ) as stack:
         print(
             f"==> sections: {', '.join(chosen) or 'none'}; {os.cpu_count()} cores; simulated "
             f"upstream latency {settings.sim_latency_ms} ms; every rate limit raised",

@@ -1,6 +1,7 @@
 """How far the goals are from what this run shows the machine allows, from the run's own
-figures: the shape's floor against the ceiling (bench/floor_server.py), and the most events per
-second Envoy and PostgreSQL leave room for at the CPU they spent per event."""
+figures: the shape's floor against the ceiling and its quota call's rate (bench/floor_server.py),
+and the most events per second Envoy and PostgreSQL leave room for at the CPU they spent per
+event."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench.events import MESH, POSTGRES, ROWS
-from bench.goals import EVENTS_PER_SECOND, EVENTS_RATIO, RATIO_TO_CEILING
+from bench.goals import EVENTS_PER_SECOND, EVENTS_RATIO, QUOTA_PER_SECOND, RATIO_TO_CEILING
+from bench.quota import FLOOR as QUOTA_FLOOR
 from bench.stats import fmt
 
 # Processes whose CPU per event the project's Python does not spend: the proxy in front and the
@@ -25,6 +27,18 @@ def floor_line(ceiling: Mapping[str, Any] | None) -> str | None:
         f"reaches {floor:.3f} and the real hit {fmt(hit, 0, 3)} ({fmt(hit / floor, 0, 2)} of "
         f"the floor); the goal, {RATIO_TO_CEILING:.2f}, is "
         f"{'within' if floor >= RATIO_TO_CEILING else 'above'} the floor"
+    )
+
+
+def quota_line(quota: Mapping[str, Any] | None) -> str | None:
+    floor = None if quota is None else quota["kinds"].get(QUOTA_FLOOR)
+    if quota is None or floor is None:
+        return None
+    calls = floor["per_second"]
+    return (
+        f"quota reservations/s: one process making one RPC and one Redis round trip per call "
+        f"with no code answers {calls:,.0f}/s, so at most {calls:,.0f} consumes/s and "
+        f"{calls / 2:,.0f} pairs/s (two of each); the goal asks {QUOTA_PER_SECOND:,.0f}/s"
     )
 
 
@@ -61,6 +75,7 @@ def print_bounds(sections: Mapping[str, Any], cores: int | None) -> list[str]:
         line
         for line in (
             floor_line(sections.get("ceiling")),
+            quota_line(sections.get("quota")),
             events_line(sections.get("events"), cores),
         )
         if line is not None

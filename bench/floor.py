@@ -24,6 +24,7 @@ ENVOY = "envoy-floor"
 @dataclass
 class Floor:
     quota: Process
+    quota_addr: str
     generation: Process
     gateway: BenchGateway
 
@@ -88,4 +89,4 @@ def start_floor(config: MeshConfig, workdir: Path) -> Floor:
         for part in reversed(started):
             part.stop()
         raise
-    return Floor(quota, generation, gateway)
+    return Floor(quota, quota_addr, generation, gateway)

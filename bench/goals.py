@@ -94,9 +94,16 @@ def judge(sections: Mapping[str, Any], rss: Mapping[str, Mapping[str, Any]]) -> 
             "{:+.2f} ms",
         ),
         _check(
-            "quota reservations/s, one process",
+            "quota reservations/s, one process (pairs)",
             f">= {QUOTA_PER_SECOND:,.0f}/s",
             _get(sections, "quota", "reservations_per_second"),
+            lambda v: v >= QUOTA_PER_SECOND,
+            "{:,.0f}/s",
+        ),
+        _check(
+            "quota reservations/s, one process (consume)",
+            f">= {QUOTA_PER_SECOND:,.0f}/s",
+            _get(sections, "quota", "consumes_per_second"),
             lambda v: v >= QUOTA_PER_SECOND,
             "{:,.0f}/s",
         ),

@@ -73,6 +73,8 @@ def run_miss(stack: Stack, s: BenchSettings) -> dict[str, Any]:
 
 def run_quota(stack: Stack, s: BenchSettings) -> dict[str, Any]:
     pids = {"quota": stack.pid("quota")}
+    if stack.floor is not None:
+        pids["floor-quota"] = stack.floor.quota.pid
     if "redis" in stack.processes():
         pids["redis"] = stack.pid("redis")
     runs = asyncio.run(
@@ -83,6 +85,7 @@ def run_quota(stack: Stack, s: BenchSettings) -> dict[str, Any]:
             s.quota_seconds,
             s.warmup_seconds,
             s.quota_inflight,
+            stack.floor.quota_addr if stack.floor is not None else None,
         )
     )
     figures = quota.summarize(runs, s.quota_inflight)

@@ -102,10 +102,13 @@ def mesh_env(
 
 
 @contextlib.contextmanager
-def private_stack(extra_env: dict[str, str], *, with_echo: bool) -> Iterator[Stack]:
+def private_stack(
+    extra_env: dict[str, str], *, with_echo: bool, with_floor: bool = False
+) -> Iterator[Stack]:
     """The mesh started and routing (and the echo service behind the bench's Envoy when
-    `with_echo`); everything stopped, the database dropped and the Redis keys deleted when the
-    block ends, however it ends. The scratch folder (logs, rendered configs) is removed after
+    `with_echo`, the shape's floor when `with_floor` and the run has a Redis); everything
+    stopped, the database dropped and the Redis keys deleted when the block ends, however it
+    ends. The scratch folder (logs, rendered configs) is removed after
     a run that finished, unless BENCH_KEEP_LOGS=1; after a failure it is kept."""
     scratch = Path(tempfile.mkdtemp(prefix="genmesh-bench-"))
     pg = infra.postgres(scratch)
@@ -143,8 +146,8 @@ def private_stack(extra_env: dict[str, str], *, with_echo: bool) -> Iterator[Sta
             )
             wait_grpc_serving(stack.echo, echo_addr)
             stack.gateway = BenchGateway(config, echo_addr, scratch, {})
-            if config.redis_url:
-                stack.floor = start_floor(config, scratch)
+        if with_floor and config.redis_url:
+            stack.floor = start_floor(config, scratch)
         yield stack
         finished = True
     finally:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bounds import events_ceiling, events_line, floor_line
+from bench.bounds import events_ceiling, events_line, floor_line, quota_line
 from bench.events import MESH, POSTGRES, ROWS
+from bench.quota import FLOOR as QUOTA_FLOOR
 
 
 def _events(envoy: float | None, postgres: float | None) -> dict[str, object]:
@@ -42,3 +43,10 @@ def test_the_floor_line_says_whether_the_goal_is_above_the_floor() -> None:
     within = floor_line({"ratio": 0.3, "floor_ratio": 0.5})
     assert within is not None and "within the floor" in within
     assert floor_line({"ratio": 0.12}) is None
+
+
+def test_the_quota_line_halves_the_floor_for_pairs() -> None:
+    line = quota_line({"kinds": {QUOTA_FLOOR: {"per_second": 4_000.0}}})
+    assert line is not None
+    assert "at most 4,000 consumes/s and 2,000 pairs/s" in line
+    assert quota_line({"kinds": {}}) is None
