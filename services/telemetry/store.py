@@ -42,6 +42,7 @@ from services.telemetry.group_commit import (
     failure_error,
 )
 from services.telemetry.records import (
+    FUNNEL_EVENT_COLUMNS,
     IDEMPOTENCY_KEY_FIELD,
     FeedbackRow,
     FunnelEventRow,
@@ -403,17 +404,7 @@ class TelemetryStore:
         return [None] * len(batch)
 
     async def _write_events(self, batch: Sequence[Sequence[FunnelEventRow]]) -> list[EventCounts]:
-        # The first occurrence of an id in the batch (request index, position) owns its insert;
-        # later ones, in the same request or another, are duplicates whatever the table holds.
-        owner: dict[uuid.UUID, tuple[int, int]] = {}
-        records = []
-        for i, rows in enumerate(batch):
-            for j, row in enumerate(rows):
-                if row.event_id not in owner:
-                    owner[row.event_id] = (i, j)
-                    records.append(row.record())
-
-        columns = list(zip(*records, strict=True)) if records else [()] * 9
+        columns, owned = event_columns(batch)
 
         async def insert(conn: asyncpg.Connection) -> asyncpg.Record:
             with _driver_refusals():
@@ -422,17 +413,49 @@ class TelemetryStore:
             return row
 
         result = await self.db.run("funnel_events.insert", insert)
-        # None: every event of the batch was new.
-        inserted: set[uuid.UUID] | None = None if result["ids"] is None else set(result["ids"])
-        counts = []
-        for i, rows in enumerate(batch):
-            accepted = sum(
-                1
-                for j, row in enumerate(rows)
-                if owner[row.event_id] == (i, j) and (inserted is None or row.event_id in inserted)
-            )
-            counts.append(EventCounts(accepted=accepted, duplicates=len(rows) - accepted))
-        return counts
+        # None: every event of the batch was new. The ids come back as UUIDs; rows hold them as
+        # canonical strings, which str() of a UUID is.
+        inserted = None if result["ids"] is None else {str(event_id) for event_id in result["ids"]}
+        return event_counts(batch, owned, inserted)
+
+
+def event_columns(
+    batch: Sequence[Sequence[FunnelEventRow]],
+) -> tuple[list[tuple[object, ...]], list[list[str]]]:
+    """The INSERT's column arrays, with each event id once, and the ids each submission owns.
+    The first occurrence of an id in the batch owns its insert; later ones, in the same
+    submission or another, are duplicates whatever the table holds."""
+    seen: set[str] = set()
+    owned: list[list[str]] = []
+    unique: list[FunnelEventRow] = []
+    for rows in batch:
+        mine = []
+        for row in rows:
+            event_id = row.event_id
+            if event_id not in seen:
+                seen.add(event_id)
+                unique.append(row)
+                mine.append(event_id)
+        owned.append(mine)
+    # Rows are tuples in column order: transposed, they are the columns.
+    columns: list[tuple[object, ...]] = (
+        list(zip(*unique, strict=True)) if unique else [()] * len(FUNNEL_EVENT_COLUMNS)
+    )
+    return columns, owned
+
+
+def event_counts(
+    batch: Sequence[Sequence[FunnelEventRow]],
+    owned: Sequence[Sequence[str]],
+    inserted: set[str] | None,
+) -> list[EventCounts]:
+    """Each submission's counts: its owned ids that were inserted (all, when `inserted` is None)
+    are accepted, the rest of its events duplicates."""
+    counts = []
+    for rows, ids in zip(batch, owned, strict=True):
+        accepted = len(ids) if inserted is None else sum(1 for id_ in ids if id_ in inserted)
+        counts.append(EventCounts(accepted=accepted, duplicates=len(rows) - accepted))
+    return counts
 
 
 def _answer(stored: _StoredKey) -> dict[str, object]:

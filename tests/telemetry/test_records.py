@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from genmesh.telemetry.v1 import telemetry_pb2
 from services.common.errors import ServiceError
@@ -130,3 +130,69 @@ def test_severity_is_stored_as_its_word() -> None:
         None,
         "{}",
     )
+
+
+def test_an_event_id_is_kept_in_its_canonical_lowercase_form() -> None:
+    event_id = "6BA7B810-9DAD-11D1-80B4-00C04FD430C8"
+    (row,) = records.funnel_event_rows(
+        [telemetry_pb2.FunnelEvent(event_id=event_id, event="page_view")], GUEST, NOW
+    )
+    assert row.event_id == str(uuid.UUID(event_id))
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    built = struct_pb2.Struct()
+    built.update(value)
+    # As a request brings it: parsed from the wire.
+    return struct_pb2.Struct.FromString(built.SerializeToString())
+
+
+STRUCTS: list[dict[str, Any]] = [
+    {"i": 7},
+    {"": "", "zero": 0, "neg_zero": -0.0, "tiny": 1e-7, "big": 1e300, "int53": 2**53 + 1},
+    {"pi": 3.141592653589793, "n": -1.5, "big_int": 1e16, "t": True, "f": False, "none": None},
+    {"é": "ünïcode ✓ 🚀 漢字", "esc": 'quote " backslash \\ slash /', "ctl": "\n\t\r\x01\x1f\x7f"},
+    {"sep": "\u2028\u2029", "nul": "a\x00b", "k\x00": 1, "looks_nul": "C:\\u0000"},
+    {"list": [1, "two", None, True, [], {}, [3.5, {"deep": {"deeper": [False]}}]]},
+    {"nested": {"a": {"b": {"c": "d"}}, "empty": {}}, "flat": "x", "n": 2},
+]
+
+
+@pytest.mark.parametrize("value", STRUCTS)
+def test_struct_json_is_the_compact_json_of_message_to_dict(value: dict[str, Any]) -> None:
+    message = struct(value)
+    expected = json.dumps(
+        json_format.MessageToDict(message), ensure_ascii=False, separators=(",", ":")
+    )
+    assert records._struct_json_text(message.fields) == expected
+    assert records._COMPACT_JSON.encode(records._struct_plain(message)) == expected
+
+
+def test_a_value_without_a_kind_is_null() -> None:
+    message = struct_pb2.Struct()
+    message.fields["unset"].SetInParent()
+    assert records.struct_json(message, 100) == ('{"unset":null}', "")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"v": math.inf},
+        {"v": -math.inf},
+        {"list": [1, math.nan]},
+        {"deep": {"v": math.inf}},
+    ],
+)
+def test_non_finite_numbers_are_refused_wherever_they_are(value: dict[str, Any]) -> None:
+    assert records.struct_json(struct(value), 4096) == (
+        "{}",
+        "must not contain NaN or infinite numbers",
+    )
+
+
+def test_the_size_limit_counts_utf8_bytes() -> None:
+    ascii_text = records.struct_json(struct({"k": "x" * 4088}), 4096)
+    assert ascii_text == ('{"k":"' + "x" * 4088 + '"}', "")
+    # 2,045 two-byte characters: 4,098 bytes, though only 2,053 characters.
+    wide = records.struct_json(struct({"k": "é" * 2045}), 4096)
+    assert wide == ("{}", "must be at most 4096 bytes as JSON, got 4098")

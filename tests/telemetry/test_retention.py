@@ -347,7 +347,7 @@ async def test_a_retried_event_is_a_duplicate_whatever_its_month(
     now = datetime.now(last.tzinfo)
 
     def row(event_id: uuid.UUID) -> FunnelEventRow:
-        return FunnelEventRow(event_id, None, "", "page_view", "", "", "{}", None, now)
+        return FunnelEventRow(str(event_id), None, "", "page_view", "", "", "{}", None, now)
 
     try:
         fresh = uuid.uuid4()

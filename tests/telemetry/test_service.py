@@ -263,6 +263,22 @@ async def test_events_with_duplicates_and_a_retried_batch_are_stored_once(
     assert json.loads(rows[0]["properties"]) == {}
 
 
+async def test_an_event_id_is_the_same_event_whatever_its_case(
+    telemetry: Running, db: asyncpg.Connection
+) -> None:
+    event_id = uuid.uuid4()
+    upper = funnel_event(event_id=str(event_id).upper())
+    lower = funnel_event(event_id=str(event_id))
+    first = await telemetry.stub.TrackEvents(
+        telemetry_pb2.TrackEventsRequest(events=[upper, lower])
+    )
+    assert (first.accepted, first.duplicates) == (1, 1)
+    retried = await telemetry.stub.TrackEvents(telemetry_pb2.TrackEventsRequest(events=[lower]))
+    assert (retried.accepted, retried.duplicates) == (0, 1)
+    stored = await db.fetchval("SELECT count(*) FROM funnel_events WHERE event_id = $1", event_id)
+    assert stored == 1
+
+
 async def test_concurrent_requests_are_committed_in_shared_batches(
     telemetry: Running, db: asyncpg.Connection
 ) -> None:
@@ -396,7 +412,7 @@ async def test_a_refused_request_fails_alone_and_the_rest_of_its_batch_commits(
     now = datetime.now(UTC)
 
     def row(lang: str) -> FunnelEventRow:
-        return FunnelEventRow(uuid.uuid4(), None, "", "page_view", "", lang, "{}", None, now)
+        return FunnelEventRow(str(uuid.uuid4()), None, "", "page_view", "", lang, "{}", None, now)
 
     good, bad = row("en"), row("x" * 40)
     try:
@@ -416,7 +432,7 @@ async def test_a_refused_request_fails_alone_and_the_rest_of_its_batch_commits(
             "SELECT event_id FROM funnel_events WHERE event_id = ANY($1::uuid[])",
             [good.event_id, bad.event_id],
         )
-        assert [r["event_id"] for r in stored] == [good.event_id]
+        assert [str(r["event_id"]) for r in stored] == [good.event_id]
     finally:
         await store.close()
         await database.close()

@@ -44,7 +44,7 @@ def feedback(**fields: object) -> FeedbackRow:
 
 def event(**fields: object) -> FunnelEventRow:
     values: dict[str, object] = {
-        "event_id": uuid.uuid4(),
+        "event_id": str(uuid.uuid4()),
         "user_id": None,
         "session_id": "s",
         "event": "page_view",
@@ -141,7 +141,7 @@ async def test_a_poisoned_event_request_fails_alone_and_names_events(
     assert [(c.accepted, c.duplicates) for c in (results[0], *results[2:])] == [(2, 0)] * 3  # type: ignore[union-attr]
     ids = [e.event_id for rows in [*good, bad] for e in rows]
     stored = {
-        r["event_id"]
+        str(r["event_id"])
         for r in await db.fetch(
             "SELECT event_id FROM funnel_events WHERE event_id = ANY($1::uuid[])", ids
         )
