@@ -60,6 +60,10 @@ def build_openai_client(settings: GenerationSettings) -> openai.AsyncOpenAI | No
         base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
         timeout=settings.openai_timeout_seconds,
         max_retries=0,
+        # None: the SDK's own httpx client.
+        http_client=openai.DefaultAioHttpClient()
+        if settings.openai_http_client == "aiohttp"
+        else None,
     )
 
 

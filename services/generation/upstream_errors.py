@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Mapping
 
+import aiohttp  # the SDK's transport here (DefaultAioHttpClient): its errors are causes
 import grpc
 import httpx2  # the SDK's HTTP transport (openai 3.x), for errors raised mid-stream
 import openai
@@ -111,10 +112,28 @@ def _upstream_message(exc: openai.APIError) -> str:
     return " ".join(str(exc.message).split())[:MAX_MESSAGE_CHARS]
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether the SDK's (or its transport's) error is a timeout. The aiohttp transport
+    reports every failed connection (refused, reset, closed by the server) as a connect
+    timeout; what caused it, somewhere down the chain, tells them apart: a connection error
+    (an OSError or aiohttp's) that is not itself a timeout."""
+    if not isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        return False
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        failed = isinstance(cause, OSError | aiohttp.ClientConnectionError)
+        if failed and not isinstance(cause, TimeoutError):
+            return False
+        cause = cause.__cause__ or cause.__context__
+    return True
+
+
 def map_openai_error(exc: openai.OpenAIError) -> UpstreamError:
     """The SDK's exception as our error. An upstream 429 is our dependency's limit, not the
     caller's: it becomes UNAVAILABLE (503) with the upstream's Retry-After, never 429."""
-    if isinstance(exc, openai.APITimeoutError):
+    if timed_out(exc):
         return upstream_timeout()
     if isinstance(exc, openai.APIConnectionError):
         return UpstreamError(
@@ -174,8 +193,10 @@ def error_type(exc: BaseException) -> str:
     """The `error.type` of a failed attempt (the values are listed in genai_metrics)."""
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return genai_metrics.ERROR_CANCELLED
-    if isinstance(exc, openai.APITimeoutError):
+    if timed_out(exc):
         return genai_metrics.ERROR_TIMEOUT
+    if isinstance(exc, openai.APIConnectionError):  # a failed connection reported as a timeout
+        return openai.APIConnectionError.__qualname__
     if isinstance(exc, openai.APIStatusError):
         return str(exc.status_code)
     return type(exc).__qualname__
@@ -190,6 +211,6 @@ def as_openai_error(exc: openai.OpenAIError | httpx2.HTTPError) -> openai.OpenAI
         request = exc.request
     except RuntimeError:  # httpx raises when the error carries no request
         request = httpx2.Request("POST", "http://upstream.invalid/chat/completions")
-    if isinstance(exc, httpx2.TimeoutException):
+    if timed_out(exc):
         return openai.APITimeoutError(request=request)
     return openai.APIConnectionError(message=str(exc) or type(exc).__name__, request=request)

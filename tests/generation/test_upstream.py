@@ -104,6 +104,65 @@ def test_timeouts_and_connection_errors() -> None:
     assert refused.counts_as_failure
 
 
+async def _sdk_error(transport: str, base_url: str, timeout: float = 5.0) -> openai.OpenAIError:
+    """What the SDK raises for one chat completion against `base_url` through `transport`."""
+    http_client = openai.DefaultAioHttpClient() if transport == "aiohttp" else None
+    client = openai.AsyncOpenAI(
+        api_key="k", base_url=base_url, timeout=timeout, max_retries=0, http_client=http_client
+    )
+    try:
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+    except openai.OpenAIError as err:
+        return err
+    finally:
+        await client.close()
+    raise AssertionError("the call succeeded")
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_refused_connection_is_unavailable_whatever_the_transport(transport: str) -> None:
+    # Nothing listens on port 1. The aiohttp transport reports this as a connect timeout.
+    err = await _sdk_error(transport, "http://127.0.0.1:1/v1")
+    mapped = map_openai_error(err)
+    assert mapped.error.reason == "UPSTREAM_UNAVAILABLE"
+    assert error_type(err) == "APIConnectionError"
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_silent_upstream_is_a_timeout_whatever_the_transport(transport: str) -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await asyncio.sleep(10)
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        err = await _sdk_error(transport, f"http://127.0.0.1:{port}/v1", timeout=0.3)
+    finally:
+        server.close()
+    mapped = map_openai_error(err)
+    assert mapped.error.reason == "UPSTREAM_TIMEOUT"
+    assert error_type(err) == "timeout"
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_connection_closed_without_an_answer_is_unavailable(transport: str) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        err = await _sdk_error(transport, f"http://127.0.0.1:{port}/v1")
+    finally:
+        server.close()
+    assert map_openai_error(err).error.reason == "UPSTREAM_UNAVAILABLE"
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "retryable", "upstream_retry_after", "retry_after_seconds"),
     [
