@@ -130,37 +130,39 @@ async def test_a_refused_connection_is_unavailable_whatever_the_transport(transp
     assert error_type(err) == "APIConnectionError"
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
-async def test_a_silent_upstream_is_a_timeout_whatever_the_transport(transport: str) -> None:
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _error_from_server(transport: str, *, silent: bool) -> openai.OpenAIError:
+    """The SDK's error from an upstream that reads the request, then says nothing until the
+    call has failed (`silent`) or closes the connection at once."""
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
-        await asyncio.sleep(10)
+        if silent:
+            await done.wait()
         writer.close()
 
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        err = await _sdk_error(transport, f"http://127.0.0.1:{port}/v1", timeout=0.3)
+        return await _sdk_error(transport, f"http://127.0.0.1:{port}/v1", timeout=0.3)
     finally:
+        done.set()
         server.close()
-    mapped = map_openai_error(err)
-    assert mapped.error.reason == "UPSTREAM_TIMEOUT"
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_silent_upstream_is_a_timeout_whatever_the_transport(transport: str) -> None:
+    err = await _error_from_server(transport, silent=True)
+    assert map_openai_error(err).error.reason == "UPSTREAM_TIMEOUT"
     assert error_type(err) == "timeout"
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 async def test_a_connection_closed_without_an_answer_is_unavailable(transport: str) -> None:
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(65536)
-        writer.close()
-
-    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        err = await _sdk_error(transport, f"http://127.0.0.1:{port}/v1")
-    finally:
-        server.close()
+    err = await _error_from_server(transport, silent=False)
     assert map_openai_error(err).error.reason == "UPSTREAM_UNAVAILABLE"
+    assert error_type(err) == "APIConnectionError"
 
 
 @pytest.mark.parametrize(
