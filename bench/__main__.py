@@ -101,7 +101,9 @@ def run(settings: BenchSettings) -> dict[str, Any]:
     }
     sections: dict[str, Any] = document["sections"]
     with private_stack(
-        env, with_echo="ceiling" in chosen, with_floor=bool({"ceiling", "quota"} & set(chosen))
+        env,
+        with_echo="ceiling" in chosen,
+        with_floor=bool({"ceiling", "miss", "quota"} & set(chosen)),
     ) as stack:
         print(
             f"==> sections: {', '.join(chosen) or 'none'}; {os.cpu_count()} cores; simulated "

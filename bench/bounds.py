@@ -1,15 +1,24 @@
 """How far the goals are from what this run shows the machine allows, from the run's own
-figures: the shape's floor against the ceiling and its quota call's rate (bench/floor_server.py),
-and the most events per second Envoy and PostgreSQL leave room for at the CPU they spent per
-event."""
+figures: the shape's floor (bench/floor_server.py) against the ceiling, its p99, its misses
+and its quota call's rate, and the most events per second Envoy and PostgreSQL leave room for
+at the CPU they spent per event."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from bench.ceiling import FLOOR as CEILING_FLOOR
 from bench.events import MESH, POSTGRES, ROWS
-from bench.goals import EVENTS_PER_SECOND, EVENTS_RATIO, QUOTA_PER_SECOND, RATIO_TO_CEILING
+from bench.goals import (
+    EVENTS_PER_SECOND,
+    EVENTS_RATIO,
+    HIT_P99_MS,
+    MISS_ADDED_MEDIAN_MS,
+    MISS_ADDED_P99_MS,
+    QUOTA_PER_SECOND,
+    RATIO_TO_CEILING,
+)
 from bench.quota import FLOOR as QUOTA_FLOOR
 from bench.stats import fmt
 
@@ -27,6 +36,27 @@ def floor_line(ceiling: Mapping[str, Any] | None) -> str | None:
         f"reaches {floor:.3f} and the real hit {fmt(hit, 0, 3)} ({fmt(hit / floor, 0, 2)} of "
         f"the floor); the goal, {RATIO_TO_CEILING:.2f}, is "
         f"{'within' if floor >= RATIO_TO_CEILING else 'above'} the floor"
+    )
+
+
+def hit_p99_line(ceiling: Mapping[str, Any] | None) -> str | None:
+    floor = None if ceiling is None else ceiling["variants"].get(CEILING_FLOOR)
+    if ceiling is None or floor is None:
+        return None
+    return (
+        f"cache-hit p99: the floor's own, at the same {ceiling['connections']} connections, is "
+        f"{floor['p99_ms']:.1f} ms; the goal asks {HIT_P99_MS:g} ms"
+    )
+
+
+def miss_line(miss: Mapping[str, Any] | None) -> str | None:
+    floor = None if miss is None else miss.get("floor")
+    if floor is None:
+        return None
+    return (
+        f"cache miss added: through the floor (its hops and round trips, no code) "
+        f"{floor['added_median_ms']:+.2f} ms median, {floor['added_p99_ms']:+.2f} ms p99; the "
+        f"goals ask {MISS_ADDED_MEDIAN_MS:g} and {MISS_ADDED_P99_MS:g} ms"
     )
 
 
@@ -75,6 +105,8 @@ def print_bounds(sections: Mapping[str, Any], cores: int | None) -> list[str]:
         line
         for line in (
             floor_line(sections.get("ceiling")),
+            hit_p99_line(sections.get("ceiling")),
+            miss_line(sections.get("miss")),
             quota_line(sections.get("quota")),
             events_line(sections.get("events"), cores),
         )

@@ -60,6 +60,11 @@ def start_floor(config: MeshConfig, workdir: Path) -> Floor:
             logs,
         )
         started.append(quota)
+        # The simulator, for the floor's misses, as the mesh gives generation its upstream.
+        upstream = {
+            "OPENAI_BASE_URL": f"{config.simulator_url}/v1",
+            "OPENAI_API_KEY": config.simulator_api_key,
+        }
         generation = spawn_python(
             GENERATION,
             [
@@ -71,7 +76,7 @@ def start_floor(config: MeshConfig, workdir: Path) -> Floor:
                 config.redis_url,
                 prefix,
             ],
-            os.environ,
+            {**os.environ, **upstream},
             logs,
         )
         started.append(generation)

@@ -14,6 +14,12 @@ round trips, with trivial work at each:
 - `generation` serves EchoService: it calls the quota role's Echo, reads the cached answer
   with one Redis GET (written at start) and answers with it.
 
+A request whose `lang` is "miss" is a cache miss instead, as the mesh makes one: the quota
+call (the reservation), the Redis GET that misses, the single-flight claim (SET NX), the chat
+completion through the openai SDK (its aiohttp transport, as generation's default) to
+OPENAI_BASE_URL with OPENAI_API_KEY from the environment, the cache write, the single-flight
+publish, and the settlement (a second quota call, after the answer, as generation makes it).
+
 Both run as the services do (grpc.aio, the default asyncio loop, the same server options,
 the standard gRPC health service Envoy checks, redis.asyncio), with no interceptors,
 validation, tracing, metrics or per-request logs. bench/gateway.py puts them behind the
@@ -25,15 +31,19 @@ between the floor and the real hit is what the services' own code costs. Stops o
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
+import openai
 from redis.asyncio import Redis
 
 from bench.echo_server import SERVICE_NAME as ECHO_SERVICE
 from bench.echo_server import serve_until_signal
+from bench.misses import FLOOR_MISS_LANG as MISS
+from bench.misses import upstream_body
 from genmesh.bench.v1 import echo_pb2, echo_pb2_grpc
 from services.common.envoy_api import message_classes
 
@@ -62,19 +72,47 @@ class FloorQuota(echo_pb2_grpc.EchoServiceServicer):
 
 
 class FloorGeneration(echo_pb2_grpc.EchoServiceServicer):
-    """The cache hit: one call to quota, one Redis GET."""
+    """The cache hit: one call to quota, one Redis GET; or the miss (lang MISS)."""
 
     def __init__(
-        self, quota: echo_pb2_grpc.EchoServiceAsyncStub, redis: Redis, prefix: str
+        self,
+        quota: echo_pb2_grpc.EchoServiceAsyncStub,
+        redis: Redis,
+        prefix: str,
+        upstream: openai.AsyncOpenAI | None,
     ) -> None:
-        self.quota, self.redis, self.key = quota, redis, f"{prefix}floor:cached"
+        self.quota, self.redis, self.prefix = quota, redis, prefix
+        self.key = f"{prefix}floor:cached"
+        self.upstream = upstream
+        self._settlements: set[asyncio.Task[Any]] = set()
 
     async def Echo(
         self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> echo_pb2.EchoResponse:
+        if request.lang == MISS:
+            return echo_pb2.EchoResponse(text=await self._miss(request.text))
         await self.quota.Echo(echo_pb2.EchoRequest(text=request.text))
         cached = await self.redis.get(self.key)  # bytes: the client does not decode
         return echo_pb2.EchoResponse(text=cached.decode() if isinstance(cached, bytes) else "")
+
+    async def _miss(self, text: str) -> str:
+        if self.upstream is None:
+            raise RuntimeError("a miss needs OPENAI_BASE_URL and OPENAI_API_KEY")
+        key = f"{self.prefix}floor:miss:{text}"
+        await self.quota.Echo(echo_pb2.EchoRequest(text=text))
+        await self.redis.get(key)
+        await self.redis.set(f"{key}:flight", "1", nx=True, px=30_000)
+        completion = await self.upstream.chat.completions.create(**upstream_body(text))
+        answer = completion.choices[0].message.content or ""
+        await self.redis.set(key, answer, ex=60)
+        await self.redis.publish(f"{key}:flight", answer)
+        settle = asyncio.create_task(self._settle(text))
+        self._settlements.add(settle)
+        settle.add_done_callback(self._settlements.discard)
+        return answer
+
+    async def _settle(self, text: str) -> None:
+        await self.quota.Echo(echo_pb2.EchoRequest(text=text))
 
 
 def _add_rate_limit_service(server: grpc.aio.Server, redis: Redis, prefix: str) -> None:
@@ -117,14 +155,25 @@ async def serve_generation(addr: str, quota_addr: str, redis_url: str, prefix: s
     redis = Redis.from_url(redis_url)
     await redis.set(f"{prefix}floor:cached", CACHED_TEXT)
     channel = grpc.aio.insecure_channel(quota_addr)
+    upstream = None
+    if os.environ.get("OPENAI_BASE_URL") and os.environ.get("OPENAI_API_KEY"):
+        upstream = openai.AsyncOpenAI(
+            base_url=os.environ["OPENAI_BASE_URL"],
+            api_key=os.environ["OPENAI_API_KEY"],
+            max_retries=0,
+            http_client=openai.DefaultAioHttpClient(),
+        )
 
     def register(server: grpc.aio.Server) -> None:
-        servicer = FloorGeneration(echo_pb2_grpc.EchoServiceStub(channel), redis, prefix)
+        stub = echo_pb2_grpc.EchoServiceStub(channel)
+        servicer = FloorGeneration(stub, redis, prefix, upstream)
         echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, server)
 
     try:
         await serve_until_signal(addr, GENERATION_HEALTH, register)
     finally:
+        if upstream is not None:
+            await upstream.close()
         await channel.close(grace=None)
         await redis.aclose()
 

@@ -29,6 +29,10 @@ from services.generation.settings import GenerationSettings
 
 WARMUP_PAIRS = 20
 MESH = "miss via the mesh"
+FLOOR = "miss via the floor"
+# EchoRequest.lang that makes the floor's generation role (bench/floor_server.py) take the
+# miss path.
+FLOOR_MISS_LANG = "miss"
 DIRECT = "simulator directly"
 
 
@@ -125,6 +129,27 @@ def measure(
     with httpx.Client(base_url=gateway_url, timeout=60) as mesh:
         return measure_pairs(
             lambda text: _via_mesh(mesh, text), simulator_url, api_key, pairs, pids
+        )
+
+
+def _via_floor(floor: httpx.Client, text: str) -> tuple[float, bool]:
+    """A miss through the shape's floor (bench/floor_server.py): its latency in ms."""
+    started = time.perf_counter()
+    reply = floor.post("/api/echo", json={"text": text, "lang": FLOOR_MISS_LANG})
+    floor_ms = (time.perf_counter() - started) * 1000
+    if reply.status_code != 200:
+        raise BenchError(f"miss via the floor -> {reply.status_code} {reply.text[:300]}")
+    return floor_ms, False
+
+
+def measure_floor(
+    floor_url: str, simulator_url: str, api_key: str, pairs: int, pids: Mapping[str, int]
+) -> Samples:
+    """`measure_pairs` through the floor's Envoy at `floor_url`: what a miss cannot go below
+    in the mesh's shape."""
+    with httpx.Client(base_url=floor_url, timeout=60) as floor:
+        return measure_pairs(
+            lambda text: _via_floor(floor, text), simulator_url, api_key, pairs, pids
         )
 
 

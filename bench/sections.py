@@ -68,6 +68,18 @@ def run_miss(stack: Stack, s: BenchSettings) -> dict[str, Any]:
     )
     figures = misses.summarize(samples, s.sim_latency_ms)
     misses.print_misses(figures)
+    if stack.floor is not None:
+        floor_samples = misses.measure_floor(
+            stack.floor.url, config.simulator_url, config.simulator_api_key, s.misses, pids
+        )
+        figures["floor"] = misses.summarize(floor_samples, s.sim_latency_ms, via=misses.FLOOR)
+        print()
+        misses.print_misses(
+            figures["floor"],
+            via=misses.FLOOR,
+            through="the shape's floor (its hops and round trips, no code)",
+            who="the floor",
+        )
     return figures
 
 

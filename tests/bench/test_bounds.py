@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bounds import events_ceiling, events_line, floor_line, quota_line
+from bench.bounds import (
+    events_ceiling,
+    events_line,
+    floor_line,
+    hit_p99_line,
+    miss_line,
+    quota_line,
+)
+from bench.ceiling import FLOOR as CEILING_FLOOR
 from bench.events import MESH, POSTGRES, ROWS
 from bench.quota import FLOOR as QUOTA_FLOOR
 
@@ -50,3 +58,12 @@ def test_the_quota_line_halves_the_floor_for_pairs() -> None:
     assert line is not None
     assert "at most 4,000 consumes/s and 2,000 pairs/s" in line
     assert quota_line({"kinds": {}}) is None
+
+
+def test_the_miss_and_p99_lines_quote_the_floor() -> None:
+    miss = miss_line({"floor": {"added_median_ms": 6.5, "added_p99_ms": 9.25}})
+    assert miss is not None and "+6.50 ms median, +9.25 ms p99" in miss
+    assert miss_line({"added_median_ms": 13.0}) is None
+    p99 = hit_p99_line({"connections": 32, "variants": {CEILING_FLOOR: {"p99_ms": 73.05}}})
+    assert p99 is not None and "at the same 32 connections, is 73.0 ms" in p99
+    assert hit_p99_line({"connections": 32, "variants": {}}) is None

@@ -3,8 +3,10 @@ cache hit would, and its Envoy keeps the rate limit filter on the echo routes.""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,27 @@ from redis.asyncio import Redis
 from bench.children import Process, spawn_python, wait_grpc_serving
 from bench.floor_server import CACHED_TEXT, RLS_SERVICE
 from bench.gateway import ECHO_PATH, RATE_LIMIT_FILTER, add_echo
+from bench.misses import FLOOR_MISS_LANG
 from devstack.infra import free_port
 from genmesh.bench.v1 import echo_pb2, echo_pb2_grpc
 from services.common.envoy_api import message_classes
 from tests.bench.conftest import ECHO_ADDR
 from tests.gateway.harness import hcm
+from tests.generation.conftest import UPSTREAM_API_KEY, Sim, running_sim
 
 
 @pytest.fixture
-def floor(redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+async def upstream() -> AsyncIterator[Sim]:
+    async with running_sim() as sim:
+        yield sim
+
+
+@pytest.fixture
+def floor(
+    redis_url: str, redis_prefix: str, tmp_path: Path, upstream: Sim
+) -> Iterator[tuple[str, str, str]]:
     quota_addr, generation_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    prefix = f"{redis_prefix}floor-test:"
+    prefix = f"{redis_prefix}floor-test-{uuid.uuid4().hex[:8]}:"
     started: list[Process] = []
     try:
         quota = spawn_python(
@@ -46,13 +58,17 @@ def floor(redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[tuple[s
                 redis_url,
                 prefix,
             ],
-            os.environ,
+            {
+                **os.environ,
+                "OPENAI_BASE_URL": upstream.base_url,
+                "OPENAI_API_KEY": UPSTREAM_API_KEY,
+            },
             tmp_path,
         )
         started.append(generation)
         wait_grpc_serving(quota, quota_addr)
         wait_grpc_serving(generation, generation_addr)
-        yield quota_addr, generation_addr
+        yield quota_addr, generation_addr, prefix
     finally:
         for process in started:
             process.stop()
@@ -61,10 +77,9 @@ def floor(redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[tuple[s
 
 
 async def test_a_floor_hit_takes_each_round_trip_and_answers_from_the_cache(
-    floor: tuple[str, str], redis_url: str, redis_prefix: str
+    floor: tuple[str, str, str], redis_url: str
 ) -> None:
-    quota_addr, generation_addr = floor
-    prefix = f"{redis_prefix}floor-test:"
+    quota_addr, generation_addr, prefix = floor
     request_class, response_class = message_classes(
         "envoy.service.ratelimit.v3.RateLimitRequest",
         "envoy.service.ratelimit.v3.RateLimitResponse",
@@ -89,6 +104,29 @@ async def test_a_floor_hit_takes_each_round_trip_and_answers_from_the_cache(
     try:
         assert await redis.get(f"{prefix}floor:decisions") == b"1"
         assert await redis.get(f"{prefix}floor:consumed") == b"3"
+    finally:
+        await redis.aclose()
+
+
+async def test_a_floor_miss_asks_the_upstream_caches_and_settles(
+    floor: tuple[str, str, str], upstream: Sim, redis_url: str
+) -> None:
+    _, generation_addr, prefix = floor
+    async with grpc.aio.insecure_channel(generation_addr) as channel:
+        answer = await echo_pb2_grpc.EchoServiceStub(channel).Echo(
+            echo_pb2.EchoRequest(text="name a colour", lang=FLOOR_MISS_LANG), timeout=10
+        )
+    assert answer.text and answer.text != CACHED_TEXT
+    assert await upstream.requests() == 1
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.get(f"{prefix}floor:miss:name a colour") == answer.text.encode()
+        # The reservation, then the settlement after the answer.
+        for _ in range(50):
+            if await redis.get(f"{prefix}floor:consumed") == b"2":
+                break
+            await asyncio.sleep(0.05)
+        assert await redis.get(f"{prefix}floor:consumed") == b"2"
     finally:
         await redis.aclose()
 
