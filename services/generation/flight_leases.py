@@ -131,8 +131,11 @@ class FlightLeases:
         result_key, lease_key = self._result_key(lease.token), self._lease_key(lease.key)
 
         async def write(client: Redis) -> None:
-            await client.set(result_key, payload, ex=RESULT_TTL_SECONDS)
-            await client.eval(_RELEASE, 1, lease_key, lease.token)
+            # One round trip, in this order: followers find the outcome once the lease is gone.
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(result_key, payload, ex=RESULT_TTL_SECONDS)
+                pipe.eval(_RELEASE, 1, lease_key, lease.token)
+                await pipe.execute()
 
         with contextlib.suppress(RedisUnavailable):
             await self.redis.run("flight_publish", write)
