@@ -9,10 +9,11 @@ run, with a warm-up and the median of alternating rounds:
   code at them, bench/floor_server.py), wrk at BENCH_CONNECTIONS connections, alternating:
   RPS, p50, p99, non-2xx, the cache-hit's and the floor's RPS as shares of the ceiling's, and
   each process's CPU per request (bench/ceiling.py);
-- miss: sequential cache misses through the mesh against the same chat completion sent to the
-  simulator directly: the latency the mesh adds, median and p99 (bench/misses.py);
-- quota: ReserveQuota + SettleReservation(COMMIT) pairs per second of one quota process over
-  gRPC, as generation makes them, for guests (bench/quota.py);
+- miss: sequential cache misses through the mesh, then through the shape's floor, against the
+  same chat completion sent to the simulator directly: the latency each adds, median and p99
+  (bench/misses.py);
+- quota: reserve + settle pairs (a miss's), consumes (a hit's) and the floor's quota call, per
+  second of one process over gRPC, for guests, alternating (bench/quota.py);
 - ratelimit: ShouldRateLimit decisions per second of one quota process (bench/ratelimit.py);
 - limits: cache-hit generate through the mesh's Envoy and a second one with
   GATEWAY_RATE_LIMIT=false, alternating: what the limits cost (bench/limits_cost.py);

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from bench.ceiling import ECHO, FLOOR, HIT
 from bench.goals import RATIO_TO_CEILING
 from bench.misses import DIRECT, MESH
+from bench.misses import FLOOR as FLOOR_MISS
 
 TICKS = {0.01: "p1", 0.1: "p10", 0.5: "p50", 0.9: "p90", 0.99: "p99", 0.999: "p99.9"}
 
@@ -27,9 +28,10 @@ def _curves(sections: Mapping[str, Any]) -> dict[str, dict[str, float]]:
         if label in ceiling:
             curves[f"{label}, wrk"] = ceiling[label]["distribution_ms"]
     misses = sections.get("miss", {}).get("variants", {})
-    for label in (MESH, DIRECT):
-        if label in misses:
-            curves[f"{label}, sequential"] = misses[label]["distribution_ms"]
+    floor_misses = sections.get("miss", {}).get("floor", {}).get("variants", {})
+    for label, variants in ((MESH, misses), (FLOOR_MISS, floor_misses), (DIRECT, misses)):
+        if label in variants:
+            curves[f"{label}, sequential"] = variants[label]["distribution_ms"]
     return curves
 
 
