@@ -104,7 +104,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
     with private_stack(
         env,
         with_echo="ceiling" in chosen,
-        with_floor=bool({"ceiling", "miss", "quota"} & set(chosen)),
+        with_floor=bool({"ceiling", "miss", "quota", "events"} & set(chosen)),
     ) as stack:
         print(
             f"==> sections: {', '.join(chosen) or 'none'}; {os.cpu_count()} cores; simulated "

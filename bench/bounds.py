@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench.ceiling import FLOOR as CEILING_FLOOR
+from bench.events import FLOOR as EVENTS_FLOOR
 from bench.events import MESH, POSTGRES, ROWS
 from bench.goals import (
     EVENTS_PER_SECOND,
@@ -91,10 +92,17 @@ def events_line(events: Mapping[str, Any] | None, cores: int | None) -> str | No
         return None
     rows = events["events_per_second"].get(ROWS)
     needed = EVENTS_RATIO * rows if rows else None
+    floor = events["events_per_second"].get(EVENTS_FLOOR)
+    measured = (
+        ""
+        if floor is None
+        else f"; the floor (Envoy, the rate-limit check, one INSERT per request, no code) "
+        f"committed {floor:,.0f}/s ({fmt(floor / rows if rows else None, 0, 1)}x)"
+    )
     return (
         f"committed events/s: at the CPU per event Envoy and PostgreSQL spent, {cores} cores "
         f"allow at most {most:,.0f}/s even if the Python services cost nothing "
-        f"({fmt(most / rows if rows else None, 0, 1)}x row at a time); the goals ask "
+        f"({fmt(most / rows if rows else None, 0, 1)}x row at a time){measured}; the goals ask "
         f"{EVENTS_PER_SECOND:,.0f}/s and {EVENTS_RATIO:g}x ({fmt(needed, 0, 0)}/s here)"
     )
 

@@ -40,7 +40,7 @@ CONNECTIONS = 32
 
 MESH = "POST /api/events via Envoy"
 ROWS = "INSERT one event per statement"
-VARIANTS = (MESH, ROWS)
+FLOOR = "POST /api/events via the floor"
 CLIENT = "client (wrk / asyncpg)"
 POSTGRES = "postgres backends"
 
@@ -161,7 +161,7 @@ class EventsRun:
         CONNECTIONS x EVENTS_PER_REQUEST more; it may never hold fewer."""
         if self.stored is None:
             return "not counted"
-        extra = CONNECTIONS * EVENTS_PER_REQUEST if self.variant == MESH else 0
+        extra = CONNECTIONS * EVENTS_PER_REQUEST if self.variant != ROWS else 0
         if self.stored < self.committed:
             return f"{self.committed - self.stored} events reported committed are not in the table"
         if self.stored > self.committed + extra:
@@ -274,6 +274,7 @@ class EventsReport:
     seconds: float
     warmup: float
     server: str
+    variants: tuple[str, ...] = (MESH, ROWS)
 
 
 async def measure(
@@ -285,9 +286,15 @@ async def measure(
     rounds: int,
     seconds: float,
     warmup: float,
+    floor_url: str | None = None,
 ) -> EventsReport:
-    """Warm each variant up, then alternate them `rounds` times; then count each run's rows."""
-    url = f"{gateway_url}/api/events"
+    """Warm each variant up, then alternate them `rounds` times; then count each run's rows.
+    With `floor_url`, the shape's floor (bench/floor_server.py) is a third variant; `services`
+    then names its processes too."""
+    urls = {MESH: f"{gateway_url}/api/events"}
+    if floor_url is not None:
+        urls[FLOOR] = f"{floor_url}/api/events"
+    variants = (MESH, ROWS, FLOOR) if floor_url is not None else (MESH, ROWS)
     prefixes = Prefixes()
     connections = [await asyncpg.connect(database_url) for _ in range(CONNECTIONS)]
     try:
@@ -309,23 +316,23 @@ async def measure(
             if variant == ROWS:
                 groups[CLIENT] = [os.getpid()]
             before = _cpu_snapshot(groups)
-            if variant == MESH:
+            if variant in urls:
                 client_cpu = await asyncio.to_thread(
-                    _through_mesh, wrk_binary, url, workdir, run, duration
+                    _through_mesh, wrk_binary, urls[variant], workdir, run, duration
                 )
             else:
                 await _insert_rows(connections, run, duration)
             after = _cpu_snapshot(groups)
             run.cpu = {name: after[name] - before[name] for name in groups}
-            if variant == MESH:
+            if variant in urls:
                 run.cpu[CLIENT] = client_cpu
             return run
 
-        for variant in VARIANTS:
+        for variant in variants:
             await one(variant, warmup)
-        runs = [await one(variant, seconds) for _ in range(rounds) for variant in VARIANTS]
+        runs = [await one(variant, seconds) for _ in range(rounds) for variant in variants]
         for run in runs:
             run.stored = await first.fetchval(_COUNT_PREFIX, *_prefix_bounds(run.prefix))
     finally:
         await asyncio.gather(*(conn.close() for conn in connections), return_exceptions=True)
-    return EventsReport(runs, seconds, warmup, server)
+    return EventsReport(runs, seconds, warmup, server, variants)

@@ -12,11 +12,11 @@ from bench.events import (
     CLIENT,
     CONNECTIONS,
     EVENTS_PER_REQUEST,
+    FLOOR,
     MESH,
     POSTGRES,
     ROWS,
     THREADS,
-    VARIANTS,
     EventsReport,
     EventsRun,
 )
@@ -47,8 +47,9 @@ def print_events(report: EventsReport, cores: int | None) -> dict[str, Any]:
     )
     print(header)
     print("-" * len(header))
+    variants = report.variants
     medians: dict[str, float] = {}
-    for variant in VARIANTS:
+    for variant in variants:
         mine = [run for run in runs if run.variant == variant]
         medians[variant] = statistics.median(run.rate for run in mine)
         print(
@@ -59,7 +60,7 @@ def print_events(report: EventsReport, cores: int | None) -> dict[str, Any]:
             f"{statistics.median(run.p99_ms for run in mine):>7.2f} "
             f"{sum(run.failed for run in mine):>6} {sum(run.socket_errors for run in mine):>13}"
         )
-    for variant in VARIANTS:
+    for variant in variants:
         each = ", ".join(f"{run.rate:,.0f}" for run in runs if run.variant == variant)
         print(f"  {variant}, events/s per round: {each}")
     print(
@@ -73,15 +74,22 @@ def print_events(report: EventsReport, cores: int | None) -> dict[str, Any]:
         print(
             "  cross-check: every run's rows in funnel_events tally with what its client was told"
         )
-    cpu = _print_cpu(runs)
+    cpu = _print_cpu(runs, variants)
 
     mesh, rows = medians[MESH], medians[ROWS]
     ratio = mesh / rows if rows else None
     print(f"mesh / row at a time = {fmt(ratio, 0)}x (medians: {mesh:,.0f} / {rows:,.0f} events/s)")
+    if FLOOR in medians:
+        floor = medians[FLOOR]
+        print(
+            f"floor / row at a time = {fmt(floor / rows if rows else None, 0)}x, mesh / floor = "
+            f"{fmt(mesh / floor if floor else None, 0, 2)} (the floor: Envoy, the rate-limit "
+            "check and one INSERT per request, no code)"
+        )
     clean = not mismatches and not any(run.failed or run.socket_errors for run in runs)
     return {
         "events_per_second": medians,
-        "rounds": {v: [run.rate for run in runs if run.variant == v] for v in VARIANTS},
+        "rounds": {v: [run.rate for run in runs if run.variant == v] for v in variants},
         "ratio": ratio,
         "clean": clean,
         "server": report.server,
@@ -91,15 +99,17 @@ def print_events(report: EventsReport, cores: int | None) -> dict[str, Any]:
     }
 
 
-def _print_cpu(runs: Sequence[EventsRun]) -> dict[str, dict[str, float | None]]:
+def _print_cpu(
+    runs: Sequence[EventsRun], variants: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
     """CPU per committed event and share of one core, by process, medians per variant; returns
     the CPU µs per event by variant and process."""
     names = [CLIENT, *(n for n in runs[0].cpu if n not in (CLIENT, POSTGRES))]
     if all(POSTGRES in run.cpu for run in runs):
         names.append(POSTGRES)
-    header = (
-        f"{'CPU, medians':<24} {'mesh µs/event':>13} {'mesh % core':>11} "
-        f"{'rows µs/event':>13} {'rows % core':>11}"
+    short = {MESH: "mesh", ROWS: "rows", FLOOR: "floor"}
+    header = f"{'CPU, medians':<24}" + "".join(
+        f" {short[v] + ' µs/event':>14} {short[v] + ' % core':>12}" for v in variants
     )
     print(header)
     print("-" * len(header))
@@ -118,12 +128,15 @@ def _print_cpu(runs: Sequence[EventsRun]) -> dict[str, dict[str, float | None]]:
         )
         return per_event, share
 
-    def cells(variant: str, pick: Sequence[str]) -> str:
-        per_event, share = medians(variant, pick)
-        return f"{fmt(per_event, 13, 1)} {fmt(share, 11, 0)}"
+    def cells(pick: Sequence[str]) -> str:
+        out = ""
+        for variant in variants:
+            per_event, share = medians(variant, pick)
+            out += f" {fmt(per_event, 14, 1)} {fmt(share, 12, 0)}"
+        return out
 
     for name in names:
-        print(f"{name:<24} {cells(MESH, [name])} {cells(ROWS, [name])}")
-    print(f"{'all of the above':<24} {cells(MESH, names)} {cells(ROWS, names)}")
+        print(f"{name:<24}{cells([name])}")
+    print(f"{'all of the above':<24}{cells(names)}")
     print("  % core: CPU time / wall time x 100, so the whole machine is 100 x its cores")
-    return {v: {name: medians(v, [name])[0] for name in names} for v in VARIANTS}
+    return {v: {name: medians(v, [name])[0] for name in names} for v in variants}

@@ -1,8 +1,8 @@
-"""The shape's floor, started beside the bench's mesh: the two roles of bench/floor_server.py
-behind an Envoy of their own (the mesh's config, the echo route to the floor's generation with
-the rate limit filter on, the quota cluster the floor's quota), sharing the run's Redis under
-the run's key prefix. The ceiling section drives it beside the echo service and the real
-cache hit (bench/ceiling.py)."""
+"""The shape's floor, started beside the bench's mesh: the roles of bench/floor_server.py behind
+an Envoy of their own (the mesh's config, the echo route to the floor's generation with the
+rate limit filter on, the quota and telemetry clusters the floor's), sharing the run's Redis
+under the run's key prefix and the run's database. The ceiling, miss, quota and events
+sections drive it beside what they measure of the mesh."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from devstack.mesh import MeshConfig
 # Process names, as the CPU tables print them.
 QUOTA = "floor-quota"
 GENERATION = "floor-generation"
+TELEMETRY = "floor-telemetry"
 ENVOY = "envoy-floor"
 
 
@@ -26,6 +27,7 @@ class Floor:
     quota: Process
     quota_addr: str
     generation: Process
+    telemetry: Process
     gateway: BenchGateway
 
     @property
@@ -36,11 +38,12 @@ class Floor:
         return {
             QUOTA: self.quota.pid,
             GENERATION: self.generation.pid,
+            TELEMETRY: self.telemetry.pid,
             ENVOY: self.gateway.pid,
         }
 
     def stop(self) -> None:
-        for part in (self.gateway, self.generation, self.quota):
+        for part in (self.gateway, self.generation, self.telemetry, self.quota):
             part.stop()
 
 
@@ -50,6 +53,7 @@ def start_floor(config: MeshConfig, workdir: Path) -> Floor:
         raise ValueError("the floor needs a Redis (its hops' round trips are the point)")
     logs = config.log_dir
     quota_addr, generation_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    telemetry_addr = f"127.0.0.1:{free_port()}"
     prefix = config.redis_key_prefix
     started: list[Process | BenchGateway] = []
     try:
@@ -80,13 +84,21 @@ def start_floor(config: MeshConfig, workdir: Path) -> Floor:
             logs,
         )
         started.append(generation)
+        telemetry = spawn_python(
+            TELEMETRY,
+            ["-m", "bench.floor_server", "telemetry", telemetry_addr, config.database_url],
+            os.environ,
+            logs,
+        )
+        started.append(telemetry)
         wait_grpc_serving(quota, quota_addr)
         wait_grpc_serving(generation, generation_addr)
+        wait_grpc_serving(telemetry, telemetry_addr)
         gateway = BenchGateway(
             config,
             generation_addr,
             workdir,
-            {"QUOTA_ADDR": quota_addr},
+            {"QUOTA_ADDR": quota_addr, "TELEMETRY_ADDR": telemetry_addr},
             rate_limited=True,
             name=ENVOY,
         )
@@ -94,4 +106,4 @@ def start_floor(config: MeshConfig, workdir: Path) -> Floor:
         for part in reversed(started):
             part.stop()
         raise
-    return Floor(quota, quota_addr, generation, gateway)
+    return Floor(quota, quota_addr, generation, telemetry, gateway)

@@ -3,6 +3,7 @@ hop and every Redis round trip it needs is there and the code at each hop does n
 
     python -m bench.floor_server quota HOST:PORT REDIS_URL KEY_PREFIX
     python -m bench.floor_server generation HOST:PORT QUOTA_ADDR REDIS_URL KEY_PREFIX
+    python -m bench.floor_server telemetry HOST:PORT DATABASE_URL
 
 A cache hit crosses, in the real mesh: Envoy's rate-limit check (the quota service, one Redis
 script), the generation service, its call to the quota service to consume a unit (one Redis
@@ -20,7 +21,9 @@ completion through the openai SDK (its aiohttp transport, as generation's defaul
 OPENAI_BASE_URL with OPENAI_API_KEY from the environment, the cache write, the single-flight
 publish, and the settlement (a second quota call, after the answer, as generation makes it).
 
-Both run as the services do (grpc.aio, the default asyncio loop, the same server options,
+`telemetry` stores funnel events, and nothing else (bench/floor_telemetry.py).
+
+All run as the services do (grpc.aio, the default asyncio loop, the same server options,
 the standard gRPC health service Envoy checks, redis.asyncio), with no interceptors,
 validation, tracing, metrics or per-request logs. bench/gateway.py puts them behind the
 bench's Envoy with the rate-limit filter on, so the floor goes through the same filter chain
@@ -36,23 +39,30 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import asyncpg
 import grpc
 import openai
 from redis.asyncio import Redis
 
 from bench.echo_server import SERVICE_NAME as ECHO_SERVICE
 from bench.echo_server import serve_until_signal
+from bench.floor_telemetry import SERVICE_NAME as TELEMETRY_SERVICE
+from bench.floor_telemetry import FloorTelemetry
 from bench.misses import FLOOR_MISS_LANG as MISS
 from bench.misses import upstream_body
 from genmesh.bench.v1 import echo_pb2, echo_pb2_grpc
 from services.common.envoy_api import message_classes
 
 USAGE = """usage: python -m bench.floor_server quota HOST:PORT REDIS_URL KEY_PREFIX
-       python -m bench.floor_server generation HOST:PORT QUOTA_ADDR REDIS_URL KEY_PREFIX"""
+       python -m bench.floor_server generation HOST:PORT QUOTA_ADDR REDIS_URL KEY_PREFIX
+       python -m bench.floor_server telemetry HOST:PORT DATABASE_URL"""
 RLS_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
 # The names Envoy's health checks ask for (the clusters of the real services).
 QUOTA_HEALTH = ("", ECHO_SERVICE, "genmesh.quota.v1.QuotaService")
 GENERATION_HEALTH = ("", ECHO_SERVICE, "genmesh.generation.v1.GenerationService")
+TELEMETRY_HEALTH = ("", TELEMETRY_SERVICE)
+# Connections of the telemetry role: one statement per request, 32 requests in flight.
+POOL_SIZE = 10
 # About the size of a cached answer the bench's generate requests get back.
 CACHED_TEXT = "floor " + "x" * 250
 _OK = 1  # envoy.service.ratelimit.v3.RateLimitResponse.Code.OK
@@ -178,9 +188,19 @@ async def serve_generation(addr: str, quota_addr: str, redis_url: str, prefix: s
         await redis.aclose()
 
 
+async def serve_telemetry(addr: str, database_url: str) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=POOL_SIZE)
+
+    try:
+        await serve_until_signal(addr, TELEMETRY_HEALTH, FloorTelemetry(pool).register)
+    finally:
+        await pool.close()
+
+
 ROLES: dict[str, tuple[int, Callable[..., Coroutine[Any, Any, None]]]] = {
     "quota": (3, serve_quota),
     "generation": (4, serve_generation),
+    "telemetry": (2, serve_telemetry),
 }
 
 

@@ -22,6 +22,9 @@ from bench import (
 )
 from bench.envoy import Gateway, extra_gateway
 from bench.events_report import print_events
+from bench.floor import ENVOY as FLOOR_ENVOY
+from bench.floor import QUOTA as FLOOR_QUOTA
+from bench.floor import TELEMETRY as FLOOR_TELEMETRY
 from bench.scenarios import print_scenarios
 from bench.settings import BenchSettings
 from bench.singleflight import print_single_flight
@@ -164,6 +167,9 @@ def run_validation(stack: Stack, s: BenchSettings) -> dict[str, Any]:
 def run_events(stack: Stack, s: BenchSettings) -> dict[str, Any]:
     config = stack.config
     services = {name: stack.pid(name) for name in ("envoy", "quota", "telemetry")}
+    if stack.floor is not None:
+        floor = stack.floor.processes()
+        services |= {name: floor[name] for name in (FLOOR_ENVOY, FLOOR_QUOTA, FLOOR_TELEMETRY)}
     report = asyncio.run(
         events.measure(
             _wrk(),
@@ -174,6 +180,7 @@ def run_events(stack: Stack, s: BenchSettings) -> dict[str, Any]:
             s.rounds,
             s.events_seconds,
             s.warmup_seconds,
+            stack.floor.url if stack.floor is not None else None,
         )
     )
     return print_events(report, os.cpu_count())

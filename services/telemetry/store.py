@@ -82,7 +82,7 @@ SECURITY_EVENT_FIELDS = ContentFields(
 # batches take row locks in the same order: no deadlocks) and their events are inserted with
 # the same created_at. The answer is the count inserted and, only when some were not (they
 # were stored before), the ids that were.
-_INSERT_NEW_EVENTS = """
+INSERT_NEW_EVENTS = """
     WITH batch AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                              $6::text[], $7::jsonb[], $8::text[], $9::timestamptz[])
@@ -408,7 +408,7 @@ class TelemetryStore:
 
         async def insert(conn: asyncpg.Connection) -> asyncpg.Record:
             with _driver_refusals():
-                row = await conn.fetchrow(_INSERT_NEW_EVENTS, *columns)
+                row = await conn.fetchrow(INSERT_NEW_EVENTS, *columns)
             assert row is not None  # an aggregate answers one row
             return row
 

@@ -13,6 +13,7 @@ from bench.bounds import (
     quota_line,
 )
 from bench.ceiling import FLOOR as CEILING_FLOOR
+from bench.events import FLOOR as EVENTS_FLOOR
 from bench.events import MESH, POSTGRES, ROWS
 from bench.quota import FLOOR as QUOTA_FLOOR
 
@@ -67,3 +68,12 @@ def test_the_miss_and_p99_lines_quote_the_floor() -> None:
     p99 = hit_p99_line({"connections": 32, "variants": {CEILING_FLOOR: {"p99_ms": 73.05}}})
     assert p99 is not None and "at the same 32 connections, is 73.0 ms" in p99
     assert hit_p99_line({"connections": 32, "variants": {}}) is None
+
+
+def test_the_events_line_quotes_the_measured_floor() -> None:
+    events = _events(10.0, 30.0)
+    rates = events["events_per_second"]
+    assert isinstance(rates, dict)
+    rates[EVENTS_FLOOR] = 32_000.0
+    line = events_line(events, 2)
+    assert line is not None and "committed 32,000/s (4.0x)" in line

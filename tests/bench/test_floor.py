@@ -10,16 +10,19 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from redis.asyncio import Redis
 
 from bench.children import Process, spawn_python, wait_grpc_serving
 from bench.floor_server import CACHED_TEXT, RLS_SERVICE
+from bench.floor_telemetry import SERVICE_NAME as TELEMETRY_SERVICE
 from bench.gateway import ECHO_PATH, RATE_LIMIT_FILTER, add_echo
 from bench.misses import FLOOR_MISS_LANG
 from devstack.infra import free_port
 from genmesh.bench.v1 import echo_pb2, echo_pb2_grpc
+from genmesh.telemetry.v1 import telemetry_pb2
 from services.common.envoy_api import message_classes
 from tests.bench.conftest import ECHO_ADDR
 from tests.gateway.harness import hcm
@@ -139,3 +142,42 @@ def test_the_floor_envoy_keeps_the_rate_limit_filter(rendered: dict[str, Any]) -
     assert len(markers) == 2
     for marker in markers:
         assert RATE_LIMIT_FILTER not in marker.get("typed_per_filter_config", {})
+
+
+async def test_the_floor_telemetry_stores_each_event_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    role = spawn_python(
+        "floor-telemetry",
+        ["-m", "bench.floor_server", "telemetry", addr, database_url],
+        os.environ,
+        tmp_path,
+    )
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    request = telemetry_pb2.TrackEventsRequest(
+        events=[telemetry_pb2.FunnelEvent(event_id=i.upper(), event="floor_test") for i in ids]
+    )
+    track = f"/{TELEMETRY_SERVICE}/TrackEvents"
+    try:
+        wait_grpc_serving(role, addr)
+        async with grpc.aio.insecure_channel(addr) as channel:
+            call = channel.unary_unary(
+                track,
+                request_serializer=telemetry_pb2.TrackEventsRequest.SerializeToString,
+                response_deserializer=telemetry_pb2.TrackEventsResponse.FromString,
+            )
+            first = await call(request, timeout=10)
+            again = await call(request, timeout=10)
+    finally:
+        role.stop()
+    assert (first.accepted, first.duplicates) == (3, 0)
+    assert (again.accepted, again.duplicates) == (0, 3)
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetch(
+            "SELECT event_id::text AS id FROM funnel_events WHERE event_id = ANY($1::uuid[])", ids
+        )
+    finally:
+        await conn.close()
+    assert sorted(r["id"] for r in stored) == sorted(ids)
