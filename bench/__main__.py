@@ -25,8 +25,8 @@ run, with a warm-up and the median of alternating rounds:
   and every trace exported to a sink in the bench: what tracing costs (bench/tracing_cost.py);
 - validation: protovalidate's CPU per call on a cache hit's messages, in-process, beside each
   service's CPU per hit from the ceiling section (bench/validation_cost.py);
-- events: committed funnel events per second through POST /api/events against INSERTing them
-  one row at a time (bench/events.py);
+- events: committed funnel events per second through POST /api/events, through the floor's,
+  and INSERTed one row at a time (bench/events.py);
 - scenarios: every REST scenario through Envoy with an httpx client (bench/scenarios.py);
 - singleflight: bursts of identical against distinct cache misses (bench/singleflight.py);
 

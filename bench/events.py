@@ -12,7 +12,11 @@ Envoy, beside the same kind of load written straight to PostgreSQL one event per
   writes for an event (its funnel_event_ids row and its funnel_events row, the same columns),
   but it is written here, not taken from the service.
 
-The two alternate round by round after a warm-up of each; the figures are medians. The CPU
+- Through the shape's floor, when the run has it (bench/floor_telemetry.py): the same wrk load
+  through the floor's Envoy and rate-limit check to a telemetry process that runs the
+  service's batch INSERT once per request and nothing else.
+
+The variants alternate round by round after a warm-up of each; the figures are medians. The CPU
 time of each process taking part (the load generator, Envoy, quota, telemetry, and the
 PostgreSQL backends connected to the bench's database when the server runs on this machine)
 says where the time goes. bench/events_report.py prints the figures.
