@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -100,11 +101,41 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     return False
 
 
+# Ports handed out by this process: a port is bound by its user only later, so the same one
+# must not be handed out twice meanwhile.
+_HANDED_OUT: set[int] = set()
+_FALLBACK_EPHEMERAL_LOW = 32768  # Linux's default, where /proc says nothing
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        return int(low)
+    except (OSError, ValueError, IndexError):
+        return _FALLBACK_EPHEMERAL_LOW
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range: a port the kernel picks
+    for bind(0) is in that range, where any outgoing connection made before our server
+    binds it may take it ("Address already in use")."""
+    low = _ephemeral_low()
+    lowest = 10_000 if low > 11_000 else 1024
+    for _ in range(200):
+        port = random.randrange(lowest, low)  # noqa: S311 - not for security
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
+        s.bind(("127.0.0.1", 0))
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:

@@ -11,7 +11,6 @@ import hmac
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from pydantic import SecretStr
 
+from devstack.infra import free_port
 from genmesh.generation.v1 import generation_pb2, generation_pb2_grpc
 from genmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.gateway.render import (
@@ -156,13 +156,6 @@ def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def token(claims: dict[str, Any], secret: str = SECRET) -> str:

@@ -21,6 +21,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from devstack.infra import free_port
 from tests.gateway.harness import (
     ISSUER,
     MAX_BYTES,
@@ -29,7 +30,6 @@ from tests.gateway.harness import (
     Upstream,
     assert_json_error,
     echoed,
-    free_port,
     load,
     ops_listener,
     start_gateway,
