@@ -1,5 +1,6 @@
-"""The floor of the mesh's shape, in `make bench`: what a cache-hit generate costs when every
-hop and every Redis round trip it needs is there and the code at each hop does nothing else.
+"""The floor of the mesh's shape, in `make bench`: what a cache hit, a cache miss or a batch of
+funnel events costs when every hop and round trip it needs is there and the code at each hop
+does nothing else.
 
     python -m bench.floor_server quota HOST:PORT REDIS_URL KEY_PREFIX
     python -m bench.floor_server generation HOST:PORT QUOTA_ADDR REDIS_URL KEY_PREFIX
@@ -7,8 +8,8 @@ hop and every Redis round trip it needs is there and the code at each hop does n
 
 A cache hit crosses, in the real mesh: Envoy's rate-limit check (the quota service, one Redis
 script), the generation service, its call to the quota service to consume a unit (one Redis
-script), and the cache lookup (one Redis GET). The two roles here keep exactly those hops and
-round trips, with trivial work at each:
+script), and the cache lookup (one Redis GET). The first two roles keep exactly those hops
+and round trips, with trivial work at each:
 
 - `quota` serves envoy.service.ratelimit.v3.RateLimitService (always OK, after one Redis
   INCR) and genmesh.bench.v1.EchoService (the consume: one Redis INCR, then the text back);
@@ -25,10 +26,10 @@ publish, and the settlement (a second quota call, after the answer, as generatio
 
 All run as the services do (grpc.aio, the default asyncio loop, the same server options,
 the standard gRPC health service Envoy checks, redis.asyncio), with no interceptors,
-validation, tracing, metrics or per-request logs. bench/gateway.py puts them behind the
-bench's Envoy with the rate-limit filter on, so the floor goes through the same filter chain
-as the mesh. A cache hit cannot cost less than this in the shape the services have; the gap
-between the floor and the real hit is what the services' own code costs. Stops on SIGTERM.
+validation, tracing, metrics or per-request logs. bench/floor.py puts them behind an Envoy
+of their own (bench/gateway.py, the rate-limit filter on), so the floor goes through the same
+filter chain as the mesh. Nothing in the shape the services have can cost less; the gap
+between the floor and the mesh is what the services' own code costs. Stops on SIGTERM.
 """
 
 from __future__ import annotations
