@@ -252,10 +252,11 @@ async def _insert_rows(
     run.p99_ms = percentile(latencies, 0.99)
 
 
-def _through_mesh(
+def _through_envoy(
     wrk_binary: str, url: str, workdir: Path, run: EventsRun, seconds: float
 ) -> float:
-    """One wrk run of fresh events; returns the CPU seconds wrk used."""
+    """One wrk run of fresh events through an Envoy (the mesh's or the floor's); returns the
+    CPU seconds wrk used."""
     script = workdir / f"events-{run.prefix}.lua"
     script.write_text(lua_script(run.prefix))
     result, cpu = wrk.run_with_cpu(
@@ -322,7 +323,7 @@ async def measure(
             before = _cpu_snapshot(groups)
             if variant in urls:
                 client_cpu = await asyncio.to_thread(
-                    _through_mesh, wrk_binary, urls[variant], workdir, run, duration
+                    _through_envoy, wrk_binary, urls[variant], workdir, run, duration
                 )
             else:
                 await _insert_rows(connections, run, duration)

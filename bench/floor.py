@@ -7,6 +7,7 @@ sections drive it beside what they measure of the mesh."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,42 +56,30 @@ def start_floor(config: MeshConfig, workdir: Path) -> Floor:
     quota_addr, generation_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     telemetry_addr = f"127.0.0.1:{free_port()}"
     prefix = config.redis_key_prefix
-    started: list[Process | BenchGateway] = []
+    # The simulator, for the floor's misses, as the mesh gives generation its upstream.
+    upstream = {
+        "OPENAI_BASE_URL": f"{config.simulator_url}/v1",
+        "OPENAI_API_KEY": config.simulator_api_key,
+    }
+    started: list[Process] = []
+
+    def role(name: str, *args: str, env: Mapping[str, str] = os.environ) -> Process:
+        process = spawn_python(name, ["-m", "bench.floor_server", *args], env, logs)
+        started.append(process)
+        return process
+
     try:
-        quota = spawn_python(
-            QUOTA,
-            ["-m", "bench.floor_server", "quota", quota_addr, config.redis_url, prefix],
-            os.environ,
-            logs,
-        )
-        started.append(quota)
-        # The simulator, for the floor's misses, as the mesh gives generation its upstream.
-        upstream = {
-            "OPENAI_BASE_URL": f"{config.simulator_url}/v1",
-            "OPENAI_API_KEY": config.simulator_api_key,
-        }
-        generation = spawn_python(
+        quota = role(QUOTA, "quota", quota_addr, config.redis_url, prefix)
+        generation = role(
             GENERATION,
-            [
-                "-m",
-                "bench.floor_server",
-                "generation",
-                generation_addr,
-                quota_addr,
-                config.redis_url,
-                prefix,
-            ],
-            {**os.environ, **upstream},
-            logs,
+            "generation",
+            generation_addr,
+            quota_addr,
+            config.redis_url,
+            prefix,
+            env={**os.environ, **upstream},
         )
-        started.append(generation)
-        telemetry = spawn_python(
-            TELEMETRY,
-            ["-m", "bench.floor_server", "telemetry", telemetry_addr, config.database_url],
-            os.environ,
-            logs,
-        )
-        started.append(telemetry)
+        telemetry = role(TELEMETRY, "telemetry", telemetry_addr, config.database_url)
         wait_grpc_serving(quota, quota_addr)
         wait_grpc_serving(generation, generation_addr)
         wait_grpc_serving(telemetry, telemetry_addr)

@@ -43,7 +43,7 @@ class Stack:
     redis: infra.Server | None
     echo: Process | None = None
     gateway: BenchGateway | None = None
-    # The shape's floor (bench/floor.py), beside the echo service when the run has a Redis.
+    # The shape's floor (bench/floor.py), when the run asks for it and has a Redis.
     floor: Floor | None = None
     extra: dict[str, int] = field(default_factory=dict)
     # The figures of the sections run so far, by section name (a later section may quote an
